@@ -1,0 +1,13 @@
+"""fused_cel: the LM head and its cross-entropy loss without the tokens x vocab logits tensor."""
+
+from .functional import linear_cross_entropy, triton_available
+from .module import FusedLinearCrossEntropyLoss
+from .reference import linear_cross_entropy_reference
+
+__all__ = [
+    "FusedLinearCrossEntropyLoss",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "triton_available",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,247 @@
+"""The chunk loop and the autograd.Function.
+
+For each chunk of tokens:  logits = X_c @ W.T (+ b)   -> a preallocated [chunk, V] buffer
+                           loss, lse, and d(loss)/d(logits) in place   (kernels / torch_impl)
+                           dX_c  = dlogits @ W          (own rows of dX)
+                           dW   += dlogits.T @ X_c      (accumulated across chunks)
+                           db   += dlogits.sum(0)
+so the whole [N, V] logits tensor never exists. dlogits is split as dense - a * onehot(y): the
+buffer holds the dense part, and the one-hot part (one fp32 number a per token) is folded in
+exactly, as the gathers/scatters dX_c -= a * W[y] and dW[y] -= a * X_c. For reduction "mean" and "sum" all of this runs in
+forward, and backward only multiplies the saved gradients by the scalar grad_output. For
+reduction "none" the per-token grad_output is needed inside the loop, so forward computes only the
+loss (and keeps the per-token log-sum-exp) and backward runs the loop again: one extra logits
+matmul, documented in the README.
+
+Precision policy: the logits buffer and the dense part of its gradient are in the compute dtype,
+like plain PyTorch's logits and the gradient it feeds to the linear layer; the gradient's target
+entries (its largest, all about -1/n) stay in fp32, where plain PyTorch rounds them to bf16 with
+a systematic error. Every matmul accumulates in fp32 (cuBLAS).
+dX and dW are held in fp32 until backward, which scales them by grad_output and rounds once to
+their own dtype: dW sums over all chunks in fp32, never in bf16. The fp32 dW accumulator costs
+V x D x 4 bytes beyond dW itself when W is not fp32 (none when it is, as under autocast with fp32
+parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import torch_impl
+
+try:
+    from . import kernels
+except ImportError:  # no Triton: only the torch backend
+    kernels = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Loss options, already validated by fused_cel.functional."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+    logit_scale: float = 1.0
+    chunk_size: int | None = None
+    backend: str = "torch"  # "triton" or "torch": which ce_chunk runs
+
+    def ce_kwargs(self) -> dict:
+        return dict(
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            z_loss=self.z_loss,
+            softcap=self.softcap,
+            logit_scale=self.logit_scale,
+        )
+
+
+def auto_chunk_size(n_tokens: int, vocab: int, device: torch.device, backend: str) -> int:
+    """Tokens per chunk when the caller gives none.
+
+    The Triton path keeps one [chunk, V] buffer in the compute dtype: 2**28 elements (512 MiB in
+    bf16) keep the dW accumulation (which reads and writes V x D in fp32 once per chunk) small
+    next to its matmul. The torch path holds a few fp32 temporaries of the chunk: 2**22 elements.
+    """
+    budget = 2**28 if backend == "triton" and device.type == "cuda" else 2**22
+    chunk = max(16, budget // max(vocab, 1))
+    chunk = 1 << (chunk.bit_length() - 1)  # a power of two: friendly to the matmuls
+    return max(1, min(chunk, n_tokens))
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+    """out (+)= a @ b, accumulating in fp32 and rounding once to out's dtype."""
+    if out.dtype == a.dtype:
+        if accumulate:
+            torch.addmm(out, a, b, out=out)
+        else:
+            torch.mm(a, b, out=out)
+    elif out.dtype == torch.float32 and out.is_cuda:
+        # cuBLAS with low-precision inputs and an fp32 result: no upcast copies.
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        product = torch.mm(a.float(), b.float())
+        if accumulate:
+            out.add_(product)
+        else:
+            out.copy_(product)
+
+
+def run_chunks(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    targets: torch.Tensor,
+    opts: Options,
+    *,
+    loss: torch.Tensor | None,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor | None = None,
+    dx: torch.Tensor | None = None,
+    dw: torch.Tensor | None = None,
+    db: torch.Tensor | None = None,
+) -> None:
+    """The chunk loop. x [N, D], w [V, D], b [V] are in the compute dtype; targets [N].
+
+    ``loss`` given: compute per-token loss and lse (pass 1); else read lse. Any of dx [N, D],
+    dw [V, D], db [V] (all fp32) given: write the gradient (scaled per token by grad_scale, one
+    element or N) and fold it into them. dx, dw and db are overwritten, not added to.
+    """
+    N, V = x.shape[0], w.shape[0]
+    write_grad = dx is not None or dw is not None or db is not None
+    if N == 0:
+        for t in (dw, db):
+            if t is not None:
+                t.zero_()
+        return
+    chunk = opts.chunk_size or auto_chunk_size(N, V, x.device, opts.backend)
+    ce_chunk = kernels.ce_chunk if opts.backend == "triton" else torch_impl.ce_chunk
+    per_token_scale = grad_scale is not None and grad_scale.numel() != 1
+    buf = torch.empty((min(chunk, N), V), dtype=x.dtype, device=x.device)
+    target_grad = torch.empty(min(chunk, N), dtype=torch.float32, device=x.device) if write_grad else None
+    if db is not None:
+        db.zero_()
+    for start in range(0, N, chunk):
+        end = min(start + chunk, N)
+        xc, logits = x[start:end], buf[: end - start]
+        tg = None if target_grad is None else target_grad[: end - start]
+        if b is None:
+            torch.mm(xc, w.t(), out=logits)
+        else:
+            torch.addmm(b, xc, w.t(), out=logits)
+        ce_chunk(
+            logits,
+            targets[start:end],
+            None if loss is None else loss[start:end],
+            lse[start:end],
+            grad_scale[start:end] if per_token_scale else grad_scale,
+            tg,
+            compute_lse=loss is not None,
+            write_grad=write_grad,
+            **opts.ce_kwargs(),
+        )
+        if not write_grad:
+            continue
+        # The one-hot part: token t's target row y_t gets -a_t (a_t = 0 where ignored).
+        y = targets[start:end].clamp(0, V - 1)
+        if dx is not None:
+            _mm(logits, w, out=dx[start:end])
+            dx[start:end].addcmul_(tg[:, None], w[y], value=-1.0)
+        if dw is not None:
+            _mm(logits.t(), xc, out=dw, accumulate=start > 0)
+            dw.index_put_((y,), tg[:, None] * -xc, accumulate=True)
+        if db is not None:
+            db.add_(logits.sum(0, dtype=torch.float32))
+            db.index_put_((y,), -tg, accumulate=True)
+
+
+def _cast_into(src: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """src * scale (if given) rounded once to dtype; reuses src's storage when no cast is needed."""
+    if scale is None:
+        return src.to(dtype)
+    if src.dtype == dtype:
+        return src.mul_(scale)
+    out = torch.empty(src.shape, dtype=dtype, device=src.device)
+    return torch.mul(src, scale, out=out)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd glue. Inputs are flattened: hidden [N, D], labels (targets, shift applied) [N]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, divisor, opts: Options, compute_dtype):
+        x, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        N, V = x.shape[0], w.shape[0]
+        f32 = dict(dtype=torch.float32, device=x.device)
+        loss = torch.empty(N, **f32)
+        lse = torch.empty(N, **f32)
+        ctx.opts, ctx.compute_dtype = opts, compute_dtype
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+        if opts.reduction == "none":
+            run_chunks(x, w, b, targets, opts, loss=loss, lse=lse)
+            ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            return loss
+
+        grad_scale = torch.ones((), **f32) if divisor is None else 1.0 / divisor
+        dx = torch.empty(x.shape, **f32) if need_dx else None
+        dw = torch.empty(w.shape, **f32) if need_dw else None
+        db = torch.empty(V, **f32) if need_db else None
+        run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=grad_scale, dx=dx, dw=dw, db=db)
+        ctx.grads = (dx, dw, db)
+        total = loss.sum()
+        return total if divisor is None else total / divisor
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        if ctx.opts.reduction == "none":
+            grads = _backward_recompute(ctx, grad_out)
+        else:
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "fused_cel: backward ran twice through the same loss; the gradients are "
+                    "consumed by the first backward (retain_graph=True is not supported)"
+                )
+            grads = tuple(
+                None if g is None else _cast_into(g, grad_out, dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)
+            )
+            ctx.grads = None
+        return (*grads, None, None, None, None)
+
+
+def _backward_recompute(ctx, grad_out):
+    """reduction="none": rerun the chunk loop with each token's grad_output as its scale."""
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    cdt = ctx.compute_dtype
+    x, w = hidden.to(cdt), weight.to(cdt)
+    b = None if bias is None else bias.to(cdt)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    dx = torch.empty(x.shape, **f32) if need_dx else None
+    dw = torch.empty(w.shape, **f32) if need_dw else None
+    db = torch.empty(w.shape[0], **f32) if need_db else None
+    scale = grad_out.reshape(-1).float().contiguous()
+    run_chunks(x, w, b, targets, ctx.opts, loss=None, lse=lse, grad_scale=scale, dx=dx, dw=dw, db=db)
+    return tuple(None if g is None else _cast_into(g, None, dtype) for g, dtype in zip((dx, dw, db), ctx.dtypes))
+
+
+def loss_only(x, w, b, targets, divisor, opts: Options) -> torch.Tensor:
+    """No-grad fast path: one pass over each chunk, no gradient buffers."""
+    N = x.shape[0]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    loss, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+    run_chunks(x, w, b, targets, opts, loss=loss, lse=lse)
+    if opts.reduction == "none":
+        return loss
+    total = loss.sum()
+    return total if divisor is None else total / divisor

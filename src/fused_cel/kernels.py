@@ -1,0 +1,187 @@
+"""Triton kernel: cross-entropy over one chunk of logits, loss and gradient in one launch.
+
+One program handles one token (one row of the chunk). It walks the vocabulary in blocks of
+BLOCK_V columns, twice:
+
+  pass 1  online softmax in fp32 registers: running max, running sum of exp, and (for label
+          smoothing) the running sum of the logits -> log-sum-exp and the token's loss;
+  pass 2  re-reads the row and overwrites it, in place and in the row's own dtype, with the
+          dense part of d(loss)/d(logits) times the token's gradient scale; the one-hot part
+          (the target column's -(1 - eps) term) goes out as one fp32 number per token.
+
+Either pass can be left out: no pass 2 when no gradient is wanted (forward under no_grad, or
+reduction="none" whose gradient waits for backward), no pass 1 when the log-sum-exp is already
+known (that backward). Row offsets are 64-bit, so rows x vocab may exceed 2**31.
+
+The math, with u = transformed logits and p = softmax(u):
+    u       = logit_scale * z, then softcap * tanh(u / softcap) if softcap is set
+    loss    = (1 - eps) * (lse - u[y]) + eps * (lse - mean(u)) + c * lse**2
+    dloss/du_j = p_j * (1 + 2 c lse) - eps / V - (1 - eps) * [j == y]
+    du/dz   = logit_scale * (1 - (u / softcap)**2)    (logit_scale alone without softcap)
+    dense_j = (p_j * (1 + 2 c lse) - eps / V) * du_j/dz_j * scale    -> the chunk, rounded
+    target  = (1 - eps) * du_y/dz_y * scale                          -> fp32, per token
+so that dlogits = dense - target * onehot(y). The caller folds the one-hot part into dX, dW and
+db exactly in fp32: the target entries are the largest of the gradient and all nearly equal
+(about -scale), so rounding them to bf16 would put a systematic error into every gradient.
+Ignored tokens get loss 0 and gradient 0. A label outside [0, V) that is not ignore_index gets a
+NaN loss (never an out-of-bounds read); the public API rejects such labels before this point.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _transform(z, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    # Raw logits (fp32) -> the logits the loss sees.
+    u = z * logit_scale
+    if HAS_SOFTCAP:
+        # tanh(x) = 2 * sigmoid(2x) - 1: absolute error ~1e-7, exact limits at +-inf.
+        u = softcap * (2.0 * tl.sigmoid(2.0 * u / softcap) - 1.0)
+    return u
+
+
+@triton.jit
+def _round_bf16(x):
+    # fp32 -> bf16, round to nearest even, by bits. Triton's CPU interpreter truncates in
+    # .to(tl.bfloat16), which would double the gradient's rounding error there; GPUs round.
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), rounded)
+
+
+@triton.jit
+def _ce_chunk_kernel(
+    logits_ptr,  # *T [rows, V]: this chunk's logits; overwritten by the gradient if WRITE_GRAD
+    logits_stride,  # elements from one row of logits to the next
+    targets_ptr,  # *int32|int64 [rows]: each token's target id (or ignore_index)
+    loss_ptr,  # *fp32 [rows]: per-token loss out (written if COMPUTE_LSE)
+    lse_ptr,  # *fp32 [rows]: per-token log-sum-exp, written if COMPUTE_LSE, else read
+    scale_ptr,  # *fp32: each token's gradient multiplier (1/divisor, or backward's grad_output)
+    scale_stride,  # 0: one multiplier for all tokens, 1: one per token
+    target_grad_ptr,  # *fp32 [rows]: out, the one-hot part of each token's gradient (if WRITE_GRAD)
+    V,  # vocabulary size (columns of logits)
+    ignore_index,  # target id that marks a token as not counted
+    label_smoothing,  # eps in [0, 1]
+    z_loss,  # c: coefficient of lse**2
+    softcap,  # cap of the tanh softcap (unused unless HAS_SOFTCAP)
+    logit_scale,  # multiplier applied to logits before the softcap
+    HAS_SOFTCAP: tl.constexpr,  # apply softcap * tanh(u / softcap)
+    COMPUTE_LSE: tl.constexpr,  # run pass 1 (loss and lse); otherwise read lse
+    WRITE_GRAD: tl.constexpr,  # run pass 2 (gradient in place)
+    BLOCK_V: tl.constexpr,  # vocabulary columns per step, a power of two
+    ROUND_BF16: tl.constexpr,  # round the bf16 gradient by bits (the CPU interpreter)
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_stride
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    ignored = target == ignore_index
+    valid = (target >= 0) & (target < V)
+
+    # The target's logit, read before pass 2 overwrites the row.
+    z_y = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
+    u_y = _transform(z_y, logit_scale, softcap, HAS_SOFTCAP)
+    if COMPUTE_LSE:
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), tl.float32)
+        u_sum = tl.zeros((), tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            u = tl.where(mask, _transform(z, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+            m_new = tl.maximum(m, tl.max(u, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(u - m_new), axis=0)
+            u_sum += tl.sum(tl.where(mask, u, 0.0), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        loss = (1.0 - label_smoothing) * (lse - u_y)
+        loss += label_smoothing * (lse - u_sum / V)
+        loss += z_loss * lse * lse
+        loss = tl.where(valid, loss, float("nan"))
+        loss = tl.where(ignored, 0.0, loss)
+        tl.store(loss_ptr + row, loss)
+        tl.store(lse_ptr + row, lse)
+    else:
+        lse = tl.load(lse_ptr + row)
+
+    if WRITE_GRAD:
+        coef = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * logit_scale
+        coef = tl.where(valid & (target != ignore_index), coef, 0.0)
+        p_coef = 1.0 + 2.0 * z_loss * lse
+        t_y = u_y / softcap
+        dt_y = (1.0 - t_y * t_y) if HAS_SOFTCAP else 1.0
+        tl.store(target_grad_ptr + row, (1.0 - label_smoothing) * dt_y * coef)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            u = _transform(z, logit_scale, softcap, HAS_SOFTCAP)
+            d = tl.exp(u - lse) * p_coef - label_smoothing / V
+            if HAS_SOFTCAP:
+                t = u / softcap
+                d = d * (1.0 - t * t)
+            d = d * coef
+            if ROUND_BF16:
+                d = _round_bf16(d)
+            tl.store(row_ptr + cols, d.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def ce_chunk(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss: torch.Tensor | None,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor | None,
+    target_grad: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    logit_scale: float,
+    compute_lse: bool,
+    write_grad: bool,
+) -> None:
+    """Cross-entropy of one chunk of logits, through the Triton kernel.
+
+    logits [rows, V] (unit column stride) is overwritten with the gradient if ``write_grad``.
+    ``loss`` and ``lse`` ([rows], fp32) are written if ``compute_lse``; otherwise ``lse`` is read.
+    ``grad_scale`` is an fp32 tensor of one element (all tokens) or ``rows`` elements (per token).
+    ``target_grad`` ([rows], fp32) receives the one-hot part of the gradient if ``write_grad``:
+    d(loss)/d(logits) = (the chunk as written) - target_grad[:, None] * onehot(targets).
+    """
+    rows, V = logits.shape
+    if rows == 0:
+        return
+    if write_grad:
+        scale_stride = 0 if grad_scale.numel() == 1 else 1
+    else:
+        grad_scale, scale_stride, target_grad = lse, 0, lse  # not accessed
+    block_v = min(triton.next_power_of_2(V), 4096)
+    _ce_chunk_kernel[(rows,)](
+        logits,
+        logits.stride(0),
+        targets,
+        loss if loss is not None else lse,
+        lse,
+        grad_scale,
+        scale_stride,
+        target_grad,
+        V,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap if softcap is not None else 1.0,
+        logit_scale,
+        HAS_SOFTCAP=softcap is not None,
+        COMPUTE_LSE=compute_lse,
+        WRITE_GRAD=write_grad,
+        BLOCK_V=block_v,
+        ROUND_BF16=logits.device.type == "cpu" and logits.dtype == torch.bfloat16,
+        num_warps=8 if block_v >= 2048 else 4,
+    )

@@ -1,0 +1,39 @@
+"""nn.Module wrapper of fused_cel.linear_cross_entropy."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .functional import check_options, linear_cross_entropy
+
+_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(linear_cross_entropy).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    """``FusedLinearCrossEntropyLoss(**options)(hidden, weight, labels, bias=None)``.
+
+    Takes the keyword options of fused_cel.linear_cross_entropy; hidden states come first.
+    Options are checked here, so a bad one fails at construction, not at the first step.
+    """
+
+    def __init__(self, **options) -> None:
+        super().__init__()
+        unknown = sorted(set(options) - set(_DEFAULTS))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; valid: {sorted(_DEFAULTS)}")
+        merged = {**_DEFAULTS, **options}
+        merged.pop("num_items")  # checked per call: it may be a tensor on the device
+        check_options(**merged)
+        self.options = dict(options)
+
+    def forward(self, hidden, weight, labels, bias=None) -> torch.Tensor:
+        return linear_cross_entropy(hidden, weight, labels, bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,55 @@
+"""The reference: what fused_cel.linear_cross_entropy computes, written the plain way.
+
+It materialises the whole tokens x vocab logits tensor, so it is only for tests and for reading.
+Call it with float64 inputs (and ``compute_dtype=torch.float64``) to get the ground truth that
+tests measure every other path against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    shift: bool = False,
+    num_items: int | torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The semantics of fused_cel.linear_cross_entropy (``compute_dtype`` is the upcast dtype)."""
+    logits = F.linear(hidden, weight, bias).to(compute_dtype) * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if shift:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    V = logits.shape[-1]
+    flat_logits, flat_labels = logits.reshape(-1, V), labels.reshape(-1).long()
+    per_token = F.cross_entropy(
+        flat_logits,
+        flat_labels,
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    counted = flat_labels != ignore_index
+    if z_loss:
+        per_token = per_token + torch.where(counted, z_loss * torch.logsumexp(flat_logits, -1) ** 2, 0.0)
+    if reduction == "none":
+        return per_token.reshape(labels.shape)
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    # Every label ignored: loss 0 (not 0/0); with num_items given, it is the divisor as is.
+    divisor = counted.sum().clamp(min=1) if num_items is None else num_items
+    return total / divisor

@@ -1,0 +1,279 @@
+"""fused_cel.linear_cross_entropy against the float64 reference, relative to plain PyTorch.
+
+Every case runs three computations on the same fresh random inputs: ours, plain PyTorch in the
+same dtype (F.linear, upcast, F.cross_entropy), and the reference in float64. Our error must be
+at most plain PyTorch's plus small slack (conftest.assert_close_to_baseline), for the loss and for
+every gradient.
+"""
+
+import pytest
+import torch
+
+import fused_cel
+from fused_cel import autograd, linear_cross_entropy, linear_cross_entropy_reference
+from conftest import BACKENDS, DEVICE, assert_close_to_baseline
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LOSS_OPTS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale", "shift", "num_items")
+
+
+def make_inputs(lead, D, V, *, logit_std=2.0, ignore_frac=0.2, ignore_index=-100):
+    """fp32 hidden [*lead, D], weight [V, D], bias [V], labels [*lead] with some ignored."""
+    hidden = torch.randn(*lead, D, device=DEVICE)
+    weight = torch.randn(V, D, device=DEVICE) * (logit_std / D**0.5)
+    bias = torch.randn(V, device=DEVICE) * 0.5
+    labels = torch.randint(0, V, lead, device=DEVICE)
+    labels[torch.rand(lead, device=DEVICE) < ignore_frac] = ignore_index
+    return hidden, weight, bias, labels
+
+
+def leaves(tensors, dtype, trainable):
+    return [None if t is None else t.detach().to(dtype).requires_grad_(g) for t, g in zip(tensors, trainable)]
+
+
+def run_case(
+    inputs, dtype, backend, opts, *, chunk_size=None, use_bias=True, trainable=(True, True, True), grad_scale=3.7
+):
+    """Check loss and gradients of one configuration; return our loss for further checks."""
+    hidden, weight, bias, labels = inputs
+    bias = bias if use_bias else None
+    ref_opts = {k: v for k, v in opts.items() if k in LOSS_OPTS}
+
+    def backward(loss, g):
+        if any(trainable):
+            (loss * g).sum().backward()
+
+    ours_in = leaves((hidden, weight, bias), dtype, trainable)
+    loss = linear_cross_entropy(*ours_in[:2], labels, ours_in[2], chunk_size=chunk_size, backend=backend, **opts)
+    g = torch.randn(loss.shape, device=DEVICE) if loss.dim() else torch.tensor(grad_scale, device=DEVICE)
+    backward(loss, g)
+
+    base_in = leaves((hidden, weight, bias), dtype, trainable)
+    base = linear_cross_entropy_reference(*base_in[:2], labels, base_in[2], **ref_opts)
+    backward(base, g)
+
+    ref_in = leaves((hidden, weight, bias), torch.float64, trainable)
+    ref = linear_cross_entropy_reference(*ref_in[:2], labels, ref_in[2], compute_dtype=torch.float64, **ref_opts)
+    backward(ref, g.double())
+
+    assert loss.dtype == torch.float32
+    assert_close_to_baseline("loss", loss.detach(), base.detach(), ref.detach(), dtype)
+    for name, o, b, r in zip(("d_hidden", "d_weight", "d_bias"), ours_in, base_in, ref_in):
+        if o is None:
+            continue
+        if not o.requires_grad:
+            assert o.grad is None
+            continue
+        assert o.grad is not None and o.grad.dtype == dtype, f"{name}: {None if o.grad is None else o.grad.dtype}"
+        assert_close_to_baseline(name, o.grad, b.grad, r.grad, dtype)
+    return loss
+
+
+OPTION_SETS = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 1.0},
+    {"z_loss": 1e-2},
+    {"softcap": 3.0},
+    {"logit_scale": 0.6},
+    {"shift": True},
+    {"num_items": 23},
+    {"ignore_index": 0},
+    {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0, "logit_scale": 1.5, "shift": True},
+    {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 4.0, "logit_scale": 1.5, "reduction": "sum"},
+    {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 4.0, "logit_scale": 0.5, "reduction": "none", "shift": True},
+    {"label_smoothing": 0.05, "softcap": 30.0, "shift": True, "num_items": 41},
+]
+
+
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_options(backend, dtype, opts):
+    ignore_index = opts.get("ignore_index", -100)
+    inputs = make_inputs((4, 32), 40, 300, ignore_index=ignore_index)
+    run_case(inputs, dtype, backend, opts, chunk_size=16)
+
+
+SHAPES = [((1,), 24, 300), ((37,), 40, 300), ((2, 19), 24, 5000), ((3, 5, 7), 40, 257), ((37,), 17, 4097)]
+
+
+@pytest.mark.parametrize("lead,D,V", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shapes(backend, dtype, lead, D, V):
+    # With a single token, plain PyTorch's dW and db are one product each, rounded once; ours are
+    # rounded again when backward scales them by a grad_output != 1 (unknown in forward).
+    grad_scale = 1.0 if lead == (1,) else 3.7
+    run_case(make_inputs(lead, D, V), dtype, backend, {}, chunk_size=16, grad_scale=grad_scale)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 7, 16, 64, 1000])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunk_sizes(backend, chunk_size):
+    inputs = make_inputs((45,), 32, 500)
+    run_case(inputs, torch.bfloat16, backend, {"reduction": "sum", "shift": True}, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpt2_vocab(backend):
+    run_case(make_inputs((6,), 24, 50257), torch.bfloat16, backend, {"label_smoothing": 0.1}, chunk_size=4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "trainable", [(False, True, True), (True, False, False), (False, False, True)], ids=["frozen_hidden", "frozen_weight", "bias_only"]
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen(backend, trainable, reduction, monkeypatch):
+    """Only tensors that require grad get gradients, and no work is spent on the others."""
+    calls = []
+    run_chunks = autograd.run_chunks
+
+    def spy(*args, dx=None, dw=None, db=None, **kwargs):
+        calls.append((dx is not None, dw is not None, db is not None))
+        return run_chunks(*args, dx=dx, dw=dw, db=db, **kwargs)
+
+    monkeypatch.setattr(autograd, "run_chunks", spy)
+    run_case(make_inputs((37,), 40, 300), torch.bfloat16, backend, {"reduction": reduction}, chunk_size=8, trainable=trainable)
+    assert calls[-1] == tuple(trainable), calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_ignored(backend, reduction):
+    """Every label ignored: loss 0 and zero gradients, not NaN."""
+    hidden, weight, bias, labels = make_inputs((2, 9), 24, 300)
+    labels.fill_(-100)
+    x, w, b = leaves((hidden, weight, bias), torch.bfloat16, (True, True, True))
+    loss = linear_cross_entropy(x, w, labels, b, reduction=reduction, z_loss=1e-3, label_smoothing=0.1, backend=backend)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    loss.sum().backward()
+    for t in (x, w, b):
+        assert torch.equal(t.grad, torch.zeros_like(t.grad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    x = torch.randn(0, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(50, 16, device=DEVICE, requires_grad=True)
+    labels = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    loss = linear_cross_entropy(x, w, labels, backend=backend)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert x.grad.shape == (0, 16) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_matches(backend, reduction):
+    """Under no_grad only the loss is computed, and it is the loss of the grad path."""
+    hidden, weight, bias, labels = make_inputs((2, 11), 24, 300)
+    opts = dict(reduction=reduction, softcap=5.0, label_smoothing=0.1, shift=True, backend=backend, chunk_size=5)
+    with torch.no_grad():
+        fast = linear_cross_entropy(hidden, weight, labels, bias, **opts)
+    slow = linear_cross_entropy(hidden, weight.requires_grad_(), labels, bias, **opts)
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_accumulation(backend):
+    """Micro-batches divided by the global token count add up to the whole batch's mean."""
+    hidden, weight, bias, labels = make_inputs((4, 12), 32, 300)
+    total = (labels[:, 1:] != -100).sum()
+    w_acc = weight.clone().requires_grad_()
+    for i in range(4):
+        linear_cross_entropy(hidden[i : i + 1], w_acc, labels[i : i + 1], shift=True, num_items=total, backend=backend).backward()
+    w_full = weight.clone().requires_grad_()
+    linear_cross_entropy(hidden, w_full, labels, shift=True, backend=backend).backward()
+    torch.testing.assert_close(w_acc.grad, w_full.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_labels_and_tensor_num_items(backend):
+    hidden, weight, bias, labels = make_inputs((3, 10), 24, 300)
+    n = torch.tensor(17, device=DEVICE)
+    a = linear_cross_entropy(hidden, weight, labels.int(), num_items=n, backend=backend)
+    b = linear_cross_entropy(hidden, weight, labels, num_items=17, backend=backend)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_hidden_gives_nan(backend):
+    hidden, weight, bias, labels = make_inputs((8,), 16, 300, ignore_frac=0.0)
+    for bad in (float("nan"), float("inf")):
+        h = hidden.clone()
+        h[3, 2] = bad
+        loss = linear_cross_entropy(h, weight.requires_grad_(), labels, backend=backend)
+        assert torch.isnan(loss)
+        loss.backward()  # no crash
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unwritten_outputs_show(backend, monkeypatch):
+    """Every buffer the op allocates starts as NaN: anything left unwritten poisons the result."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for reduction in ("mean", "none"):
+        run_case(make_inputs((2, 15), 24, 300), torch.bfloat16, backend, {"reduction": reduction}, chunk_size=7)
+
+
+def test_backends_agree():
+    """Both backends compute the same function (to rounding), on the same inputs."""
+    if len(BACKENDS) < 2:
+        pytest.skip("Triton cannot run here")
+    hidden, weight, bias, labels = make_inputs((2, 21), 40, 1000)
+    outs = []
+    for backend in BACKENDS:
+        w = weight.clone().requires_grad_()
+        loss = linear_cross_entropy(hidden, w, labels, bias, backend=backend, softcap=3.0, z_loss=1e-3, label_smoothing=0.1)
+        loss.backward()
+        outs.append((loss.detach(), w.grad))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_twice_is_a_clear_error(backend):
+    hidden, weight, bias, labels = make_inputs((5,), 16, 100)
+    loss = linear_cross_entropy(hidden, weight.requires_grad_(), labels, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_fp32_params(backend):
+    """fp32 parameters under autocast: bf16 compute, fp32 gradients, as good as plain autocast."""
+    device_type = DEVICE.type
+    hidden, weight, bias, labels = make_inputs((3, 12), 40, 300)
+    trainable = (True, True, True)
+    ours_in = leaves((hidden, weight, bias), torch.float32, trainable)
+    base_in = leaves((hidden, weight, bias), torch.float32, trainable)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(*ours_in[:2], labels, ours_in[2], backend=backend, chunk_size=8)
+        base = linear_cross_entropy_reference(*base_in[:2], labels, base_in[2])
+    loss.backward()
+    base.backward()
+    ref_in = leaves((hidden, weight, bias), torch.float64, trainable)
+    ref = linear_cross_entropy_reference(*ref_in[:2], labels, ref_in[2], compute_dtype=torch.float64)
+    ref.backward()
+    assert_close_to_baseline("loss", loss.detach(), base.detach(), ref.detach(), torch.bfloat16)
+    for name, o, b, r in zip(("d_hidden", "d_weight", "d_bias"), ours_in, base_in, ref_in):
+        assert o.grad.dtype == torch.float32
+        assert_close_to_baseline(name, o.grad, b.grad, r.grad, torch.bfloat16)
+
+
+def test_module_matches_functional():
+    hidden, weight, bias, labels = make_inputs((2, 8), 24, 300)
+    mod = fused_cel.FusedLinearCrossEntropyLoss(label_smoothing=0.1, shift=True, reduction="sum")
+    assert "label_smoothing=0.1" in repr(mod)
+    got = mod(hidden, weight, labels, bias)
+    want = linear_cross_entropy(hidden, weight, labels, bias, label_smoothing=0.1, shift=True, reduction="sum")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
