@@ -192,12 +192,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
             return loss
 
-        grad_scale = torch.ones((), **f32) if divisor is None else 1.0 / divisor
+        # The chunk holds the unscaled gradient (entries in [-1, 1]: no fp16 underflow of p / n);
+        # the mean's 1/divisor joins grad_output in backward, in fp32.
+        ones = torch.ones((), **f32)
         dx = torch.empty(x.shape, **f32) if need_dx else None
         dw = torch.empty(w.shape, **f32) if need_dw else None
         db = torch.empty(V, **f32) if need_db else None
-        run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=grad_scale, dx=dx, dw=dw, db=db)
-        ctx.grads = (dx, dw, db)
+        run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=ones, dx=dx, dw=dw, db=db)
+        ctx.grads, ctx.divisor = (dx, dw, db), divisor
         total = loss.sum()
         return total if divisor is None else total / divisor
 
@@ -212,9 +214,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     "fused_cel: backward ran twice through the same loss; the gradients are "
                     "consumed by the first backward (retain_graph=True is not supported)"
                 )
-            grads = tuple(
-                None if g is None else _cast_into(g, grad_out, dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)
-            )
+            scale = grad_out if ctx.divisor is None else grad_out / ctx.divisor
+            grads = tuple(None if g is None else _cast_into(g, scale, dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
             ctx.grads = None
         return (*grads, None, None, None, None)
 

@@ -48,8 +48,9 @@ def linear_cross_entropy(
         logit_scale: logits *= logit_scale before the softcap (Cohere).
         shift: next-token loss, position t scored against labels[..., t + 1]; the last position of
             each sequence is not scored. reduction="none" then returns shape labels[..., 1:].
-        num_items: divisor of reduction="mean" (int > 0 or a one-element tensor), e.g. Hugging
-            Face's num_items_in_batch; default the number of tokens not ignored.
+        num_items: divisor of reduction="mean" (a finite number > 0, or a one-element tensor, e.g.
+            Hugging Face's num_items_in_batch, whose value is not checked when it is on the
+            device: that would synchronise); default the number of tokens not ignored.
         chunk_size: tokens per chunk; None picks one from the vocabulary size.
         check_labels: reject labels outside [0, V) that are not ignore_index. This costs one
             host synchronisation per call; with False such a label gives a NaN loss instead.
@@ -123,6 +124,8 @@ def _check_tensors(hidden, weight, labels, bias) -> None:
     if hidden.dim() < 1:
         raise ValueError("hidden must be [..., D], got a 0-dim tensor")
     V, D = weight.shape
+    if V == 0 or D == 0:
+        raise ValueError(f"weight must have V >= 1 and D >= 1, got shape {tuple(weight.shape)}")
     if hidden.shape[-1] != D:
         raise ValueError(f"hidden's last dim ({hidden.shape[-1]}) must equal weight's D ({D}); weight is {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:-1]:
@@ -156,6 +159,8 @@ def check_options(
     """Validate the tensor-free options; return the loss options normalised for Options."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     label_smoothing = _real("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
@@ -231,23 +236,33 @@ def _check_label_range(targets: torch.Tensor, V: int, ignore_index: int) -> None
         )
 
 
+def check_num_items(num_items, reduction: str):
+    """num_items: None, a finite number > 0, or a one-element tensor (its value unchecked)."""
+    if num_items is None:
+        return None
+    if reduction != "mean":
+        raise ValueError(f"num_items applies to reduction='mean' only, got reduction={reduction!r}")
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1:
+            raise ValueError(f"num_items must be a one-element tensor, got shape {tuple(num_items.shape)}")
+        return num_items
+    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
+        raise TypeError(f"num_items must be a number, a one-element tensor or None, got {type(num_items).__name__}")
+    if not (math.isfinite(num_items) and num_items > 0):
+        raise ValueError(f"num_items must be finite and > 0, got {num_items}")
+    return num_items
+
+
 def _divisor(num_items, reduction: str, targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """The mean's divisor as an fp32 device tensor (no host sync); None for sum and none."""
-    if num_items is not None and reduction != "mean":
-        raise ValueError(f"num_items applies to reduction='mean' only, got reduction={reduction!r}")
+    num_items = check_num_items(num_items, reduction)
     if reduction != "mean":
         return None
     if num_items is None:
         return (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
     if isinstance(num_items, torch.Tensor):
-        if num_items.numel() != 1:
-            raise ValueError(f"num_items must be a one-element tensor, got shape {tuple(num_items.shape)}")
-        if num_items.device == targets.device:
+        if num_items.device == targets.device:  # its value is not checked: that would sync
             return num_items.detach().reshape(()).to(torch.float32)
-        num_items = num_items.item()  # on the host already (or another device): no device sync here
-    if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
-        raise TypeError(f"num_items must be an int, a one-element tensor or None, got {type(num_items).__name__}")
-    if not num_items > 0:
-        raise ValueError(f"num_items must be > 0, got {num_items}")
+        num_items = check_num_items(num_items.item(), reduction)  # a host tensor: no device sync
     # torch.full launches a fill; torch.tensor(..., device=cuda) would wait for the copy.
     return torch.full((), float(num_items), dtype=torch.float32, device=targets.device)

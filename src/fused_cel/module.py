@@ -6,7 +6,7 @@ import inspect
 
 import torch
 
-from .functional import check_options, linear_cross_entropy
+from .functional import check_num_items, check_options, linear_cross_entropy
 
 _DEFAULTS = {
     name: p.default
@@ -28,12 +28,14 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}; valid: {sorted(_DEFAULTS)}")
         merged = {**_DEFAULTS, **options}
-        merged.pop("num_items")  # checked per call: it may be a tensor on the device
+        check_num_items(merged.pop("num_items"), merged["reduction"])
         check_options(**merged)
         self.options = dict(options)
 
-    def forward(self, hidden, weight, labels, bias=None) -> torch.Tensor:
-        return linear_cross_entropy(hidden, weight, labels, bias, **self.options)
+    def forward(self, hidden, weight, labels, bias=None, *, num_items=None) -> torch.Tensor:
+        """``num_items`` given here (e.g. each batch's num_items_in_batch) overrides the option."""
+        options = self.options if num_items is None else {**self.options, "num_items": num_items}
+        return linear_cross_entropy(hidden, weight, labels, bias, **options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets up .venv from nothing and runs the test suite. torch==2.13.0 is the CPU build on this
+# kind of machine (a local file); CI must never download the multi-GB CUDA builds, so torch is
+# installed first, pinned, and the package after it (its torch>=2.11 is then already met).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

@@ -1,0 +1,71 @@
+"""The chunk kernel (fused_cel.kernels.ce_chunk) against its pure-PyTorch twin, call by call.
+
+Runs on CUDA, or on the CPU through Triton's interpreter. Outputs are poisoned with NaN first,
+so anything the kernel leaves unwritten fails the comparison.
+"""
+
+import pytest
+import torch
+
+from fused_cel import torch_impl
+from conftest import BACKENDS, DEVICE
+
+if "triton" not in BACKENDS:
+    pytest.skip("Triton cannot run here", allow_module_level=True)
+
+from fused_cel import kernels  # noqa: E402
+
+OPTS = [
+    dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0),
+    dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, softcap=5.0, logit_scale=0.7),
+    dict(ignore_index=3, label_smoothing=1.0, z_loss=0.0, softcap=None, logit_scale=-1.3),
+]
+
+
+def run(impl, logits, targets, opts, compute_lse, write_grad, lse=None, scale=None):
+    rows = logits.shape[0]
+    nan = dict(fill_value=float("nan"), dtype=torch.float32, device=DEVICE)
+    logits = logits.clone()
+    loss = torch.full((rows,), **nan)
+    lse = torch.full((rows,), **nan) if lse is None else lse.clone()
+    tg = torch.full((rows,), **nan)
+    impl.ce_chunk(logits, targets, loss, lse, scale, tg, compute_lse=compute_lse, write_grad=write_grad, **opts)
+    return logits, loss, lse, tg
+
+
+@pytest.mark.parametrize("V", [1, 300, 4096, 5000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("opts", OPTS, ids=["plain", "all-options", "ignore3-smooth1-negscale"])
+def test_kernel_matches_torch(opts, dtype, V):
+    rows = 9
+    logits = (torch.randn(rows, V, device=DEVICE) * 3).to(dtype)
+    targets = torch.randint(0, V, (rows,), device=DEVICE)
+    targets[1] = opts["ignore_index"]
+    scale = torch.rand(rows, device=DEVICE) + 0.5
+
+    # pass 1 and 2 in one call (forward of mean/sum), then pass 2 alone from the lse (backward of none)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-5)
+    for per_token in (False, True):
+        s = scale if per_token else scale[:1]
+        got = run(kernels, logits, targets, opts, True, True, scale=s)
+        want = run(torch_impl, logits, targets, opts, True, True, scale=s)
+        for g, w in zip(got, want):
+            assert not g.isnan().any()
+            torch.testing.assert_close(g.float(), w.float(), **tol)
+    lse = got[2]
+    got = run(kernels, logits, targets, opts, False, True, lse=lse, scale=scale)
+    want = run(torch_impl, logits, targets, opts, False, True, lse=lse, scale=scale)
+    torch.testing.assert_close(got[0].float(), want[0].float(), **tol)
+    # loss only (no_grad): the logits are left untouched
+    got = run(kernels, logits, targets, opts, True, False)
+    want = run(torch_impl, logits, targets, opts, True, False)
+    assert torch.equal(got[0], logits)
+    torch.testing.assert_close(got[1:3], want[1:3])
+
+
+def test_invalid_label_gives_nan_not_a_read():
+    logits = torch.randn(3, 100, device=DEVICE)
+    targets = torch.tensor([5, 100, -7], device=DEVICE)
+    _, loss, _, tg = run(kernels, logits, targets, OPTS[0], True, True, scale=torch.ones(1, device=DEVICE))
+    assert torch.isfinite(loss[0]) and loss[1:].isnan().all()
+    assert torch.equal(tg[1:], torch.zeros(2, device=DEVICE))  # no gradient from a bad label
