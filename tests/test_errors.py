@@ -21,29 +21,119 @@ def make_inputs():
 
 # (id, (hidden, weight, labels) -> (hidden, weight, labels, bias), exception, message regex)
 TENSOR_CASES = [
-    ("D mismatch", lambda h, w, y: (h, w[:, :8], y, None), ValueError, r"hidden's last dim \(16\) must equal weight's D \(8\)"),
-    ("labels shape", lambda h, w, y: (h, w, y[:, :4], None), ValueError, r"labels must have hidden's leading shape \(2, 5\), got \(2, 4\)"),
+    (
+        "D mismatch",
+        lambda h, w, y: (h, w[:, :8], y, None),
+        ValueError,
+        r"hidden's last dim \(16\) must equal weight's D \(8\)",
+    ),
+    (
+        "labels shape",
+        lambda h, w, y: (h, w, y[:, :4], None),
+        ValueError,
+        r"labels must have hidden's leading shape \(2, 5\), got \(2, 4\)",
+    ),
     ("labels flat", lambda h, w, y: (h, w, y.reshape(-1), None), ValueError, r"leading shape \(2, 5\), got \(10,\)"),
-    ("bias short", lambda h, w, y: (h, w, y, h.new_zeros(V - 1)), ValueError, r"bias must be \[V\] = \[50\], got shape \(49,\)"),
-    ("bias 2-D", lambda h, w, y: (h, w, y, h.new_zeros(1, V)), ValueError, r"bias must be \[V\] = \[50\], got shape \(1, 50\)"),
+    (
+        "bias short",
+        lambda h, w, y: (h, w, y, h.new_zeros(V - 1)),
+        ValueError,
+        r"bias must be \[V\] = \[50\], got shape \(49,\)",
+    ),
+    (
+        "bias 2-D",
+        lambda h, w, y: (h, w, y, h.new_zeros(1, V)),
+        ValueError,
+        r"bias must be \[V\] = \[50\], got shape \(1, 50\)",
+    ),
     ("weight 1-D", lambda h, w, y: (h, w[0], y, None), ValueError, r"weight must be \[V, D\], got shape \(16,\)"),
-    ("weight 3-D", lambda h, w, y: (h, w[None], y, None), ValueError, r"weight must be \[V, D\], got shape \(1, 50, 16\)"),
-    ("hidden 0-dim", lambda h, w, y: (h.sum(), w, y, None), ValueError, r"hidden must be \[\.\.\., D\], got a 0-dim tensor"),
+    (
+        "weight 3-D",
+        lambda h, w, y: (h, w[None], y, None),
+        ValueError,
+        r"weight must be \[V, D\], got shape \(1, 50, 16\)",
+    ),
+    (
+        "hidden 0-dim",
+        lambda h, w, y: (h.sum(), w, y, None),
+        ValueError,
+        r"hidden must be \[\.\.\., D\], got a 0-dim tensor",
+    ),
     ("hidden list", lambda h, w, y: (h.tolist(), w, y, None), TypeError, r"hidden must be a torch\.Tensor, got list"),
-    ("weight ndarray", lambda h, w, y: (h, w.cpu().numpy(), y, None), TypeError, r"weight must be a torch\.Tensor, got ndarray"),
+    (
+        "weight ndarray",
+        lambda h, w, y: (h, w.cpu().numpy(), y, None),
+        TypeError,
+        r"weight must be a torch\.Tensor, got ndarray",
+    ),
     ("labels list", lambda h, w, y: (h, w, y.tolist(), None), TypeError, r"labels must be a torch\.Tensor, got list"),
     ("bias float", lambda h, w, y: (h, w, y, 0.0), TypeError, r"bias must be a torch\.Tensor or None, got float"),
-    ("hidden int", lambda h, w, y: (h.long(), w, y, None), TypeError, r"hidden must be a floating-point tensor, got torch\.int64"),
-    ("weight int", lambda h, w, y: (h, w.int(), y, None), TypeError, r"weight must be a floating-point tensor, got torch\.int32"),
-    ("bias int", lambda h, w, y: (h, w, y, y.new_zeros(V)), TypeError, r"bias must be a floating-point tensor, got torch\.int64"),
-    ("labels float", lambda h, w, y: (h, w, y.float(), None), TypeError, r"labels must be int64 or int32, got torch\.float32"),
-    ("labels int16", lambda h, w, y: (h, w, y.short(), None), TypeError, r"labels must be int64 or int32, got torch\.int16"),
-    ("labels bool", lambda h, w, y: (h, w, y.bool(), None), TypeError, r"labels must be int64 or int32, got torch\.bool"),
-    ("weight dtype", lambda h, w, y: (h, w.double(), y, None), TypeError, r"hidden \(torch\.float32\) and weight \(torch\.float64\) must have the same dtype outside torch\.autocast"),
-    ("bias dtype", lambda h, w, y: (h, w, y, h.new_zeros(V, dtype=torch.float16)), TypeError, r"hidden \(torch\.float32\) and bias \(torch\.float16\) must have the same dtype"),
-    ("weight V=0", lambda h, w, y: (h, w[:0], y, None), ValueError, r"weight must have V >= 1 and D >= 1, got shape \(0, 16\)"),
-    ("weight D=0", lambda h, w, y: (h[..., :0], w[:, :0], y, None), ValueError, r"weight must have V >= 1 and D >= 1, got shape \(50, 0\)"),
-    ("hidden on meta", lambda h, w, y: (h.to("meta"), w, y, None), ValueError, r"all tensors must be on one device, got hidden: meta, weight: "),
+    (
+        "hidden int",
+        lambda h, w, y: (h.long(), w, y, None),
+        TypeError,
+        r"hidden must be a floating-point tensor, got torch\.int64",
+    ),
+    (
+        "weight int",
+        lambda h, w, y: (h, w.int(), y, None),
+        TypeError,
+        r"weight must be a floating-point tensor, got torch\.int32",
+    ),
+    (
+        "bias int",
+        lambda h, w, y: (h, w, y, y.new_zeros(V)),
+        TypeError,
+        r"bias must be a floating-point tensor, got torch\.int64",
+    ),
+    (
+        "labels float",
+        lambda h, w, y: (h, w, y.float(), None),
+        TypeError,
+        r"labels must be int64 or int32, got torch\.float32",
+    ),
+    (
+        "labels int16",
+        lambda h, w, y: (h, w, y.short(), None),
+        TypeError,
+        r"labels must be int64 or int32, got torch\.int16",
+    ),
+    (
+        "labels bool",
+        lambda h, w, y: (h, w, y.bool(), None),
+        TypeError,
+        r"labels must be int64 or int32, got torch\.bool",
+    ),
+    (
+        "weight dtype",
+        lambda h, w, y: (h, w.double(), y, None),
+        TypeError,
+        r"hidden \(torch\.float32\) and weight \(torch\.float64\) must have the same dtype outside torch\.autocast",
+    ),
+    (
+        "bias dtype",
+        lambda h, w, y: (h, w, y, h.new_zeros(V, dtype=torch.float16)),
+        TypeError,
+        r"hidden \(torch\.float32\) and bias \(torch\.float16\) must have the same dtype",
+    ),
+    (
+        "weight V=0",
+        lambda h, w, y: (h, w[:0], y, None),
+        ValueError,
+        r"weight must have V >= 1 and D >= 1, got shape \(0, 16\)",
+    ),
+    (
+        "weight D=0",
+        lambda h, w, y: (h[..., :0], w[:, :0], y, None),
+        ValueError,
+        r"weight must have V >= 1 and D >= 1, got shape \(50, 0\)",
+    ),
+    (
+        "hidden on meta",
+        lambda h, w, y: (h.to("meta"), w, y, None),
+        ValueError,
+        r"all tensors must be on one device, got hidden: meta, weight: ",
+    ),
 ]
 
 
@@ -86,8 +176,16 @@ NUM_ITEMS_CASES = [
     (dict(num_items=math.inf), ValueError, r"num_items must be finite and > 0, got inf"),
     (dict(num_items="10"), TypeError, r"num_items must be a number, a one-element tensor or None, got str"),
     (dict(num_items=True), TypeError, r"num_items must be a number, a one-element tensor or None, got bool"),
-    (dict(num_items=10, reduction="sum"), ValueError, r"num_items applies to reduction='mean' only, got reduction='sum'"),
-    (dict(num_items=10, reduction="none"), ValueError, r"num_items applies to reduction='mean' only, got reduction='none'"),
+    (
+        dict(num_items=10, reduction="sum"),
+        ValueError,
+        r"num_items applies to reduction='mean' only, got reduction='sum'",
+    ),
+    (
+        dict(num_items=10, reduction="none"),
+        ValueError,
+        r"num_items applies to reduction='mean' only, got reduction='none'",
+    ),
     (dict(num_items=torch.tensor([3, 4])), ValueError, r"num_items must be a one-element tensor, got shape \(2,\)"),
     (dict(num_items=torch.tensor([])), ValueError, r"num_items must be a one-element tensor, got shape \(0,\)"),
     (dict(ignore_index=2**70), ValueError, r"ignore_index must fit in int64, got 1180591620717411303424"),
@@ -106,7 +204,9 @@ def test_module_bad_option_fails_at_construction(kwargs, exc, match):
         FusedLinearCrossEntropyLoss(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, unknown", [(dict(reduce="mean"), "'reduce'"), (dict(bias=None, smoothing=0.1), "'bias', 'smoothing'")])
+@pytest.mark.parametrize(
+    "kwargs, unknown", [(dict(reduce="mean"), "'reduce'"), (dict(bias=None, smoothing=0.1), "'bias', 'smoothing'")]
+)
 def test_module_unknown_option(kwargs, unknown):
     with pytest.raises(TypeError, match=rf"unknown option\(s\) \[{unknown}\]; valid: \["):
         FusedLinearCrossEntropyLoss(**kwargs)

@@ -8,10 +8,12 @@ every gradient.
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fused_cel
 from fused_cel import autograd, linear_cross_entropy, linear_cross_entropy_reference
-from conftest import BACKENDS, DEVICE, assert_close_to_baseline
+from conftest import BACKENDS, DEVICE, assert_close_to_baseline, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LOSS_OPTS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale", "shift", "num_items")
@@ -57,7 +59,7 @@ def run_case(
     backward(ref, g.double())
 
     assert loss.dtype == torch.float32
-    assert_close_to_baseline("loss", loss.detach(), base.detach(), ref.detach(), dtype, n_terms=labels.numel())
+    assert_close_to_baseline("loss", loss.detach(), base.detach(), ref.detach(), dtype, labels.numel())
     for name, o, b, r in zip(("d_hidden", "d_weight", "d_bias"), ours_in, base_in, ref_in):
         if o is None:
             continue
@@ -65,7 +67,7 @@ def run_case(
             assert o.grad is None
             continue
         assert o.grad is not None and o.grad.dtype == dtype, f"{name}: {None if o.grad is None else o.grad.dtype}"
-        assert_close_to_baseline(name, o.grad, b.grad, r.grad, dtype)
+        assert_close_to_baseline(name, o.grad, b.grad, r.grad, dtype, labels.numel())
     return loss
 
 
@@ -104,10 +106,7 @@ SHAPES = [((1,), 24, 300), ((37,), 40, 300), ((2, 19), 24, 5000), ((3, 5, 7), 40
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shapes(backend, dtype, lead, D, V):
-    # With a single token, plain PyTorch's dW and db are one product each, rounded once; ours are
-    # rounded again when backward scales them by a grad_output != 1 (unknown in forward).
-    grad_scale = 1.0 if lead == (1,) else 3.7
-    run_case(make_inputs(lead, D, V), dtype, backend, {}, chunk_size=16, grad_scale=grad_scale)
+    run_case(make_inputs(lead, D, V), dtype, backend, {}, chunk_size=16)
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 7, 16, 64, 1000])
@@ -119,12 +118,14 @@ def test_chunk_sizes(backend, chunk_size):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpt2_vocab(backend):
-    run_case(make_inputs((6,), 24, 50257), torch.bfloat16, backend, {"label_smoothing": 0.1}, chunk_size=4)
+    run_case(make_inputs((64,), 24, 50257), torch.bfloat16, backend, {"label_smoothing": 0.1}, chunk_size=24)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize(
-    "trainable", [(False, True, True), (True, False, False), (False, False, True)], ids=["frozen_hidden", "frozen_weight", "bias_only"]
+    "trainable",
+    [(False, True, True), (True, False, False), (False, False, True)],
+    ids=["frozen_hidden", "frozen_weight", "bias_only"],
 )
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen(backend, trainable, reduction, monkeypatch):
@@ -137,7 +138,14 @@ def test_frozen(backend, trainable, reduction, monkeypatch):
         return run_chunks(*args, dx=dx, dw=dw, db=db, **kwargs)
 
     monkeypatch.setattr(autograd, "run_chunks", spy)
-    run_case(make_inputs((37,), 40, 300), torch.bfloat16, backend, {"reduction": reduction}, chunk_size=8, trainable=trainable)
+    run_case(
+        make_inputs((37,), 40, 300),
+        torch.bfloat16,
+        backend,
+        {"reduction": reduction},
+        chunk_size=8,
+        trainable=trainable,
+    )
     assert calls[-1] == tuple(trainable), calls
 
 
@@ -185,7 +193,9 @@ def test_gradient_accumulation(backend):
     total = (labels[:, 1:] != -100).sum()
     w_acc = weight.clone().requires_grad_()
     for i in range(4):
-        linear_cross_entropy(hidden[i : i + 1], w_acc, labels[i : i + 1], shift=True, num_items=total, backend=backend).backward()
+        linear_cross_entropy(
+            hidden[i : i + 1], w_acc, labels[i : i + 1], shift=True, num_items=total, backend=backend
+        ).backward()
     w_full = weight.clone().requires_grad_()
     linear_cross_entropy(hidden, w_full, labels, shift=True, backend=backend).backward()
     torch.testing.assert_close(w_acc.grad, w_full.grad, rtol=1e-5, atol=1e-7)
@@ -233,7 +243,9 @@ def test_backends_agree():
     outs = []
     for backend in BACKENDS:
         w = weight.clone().requires_grad_()
-        loss = linear_cross_entropy(hidden, w, labels, bias, backend=backend, softcap=3.0, z_loss=1e-3, label_smoothing=0.1)
+        loss = linear_cross_entropy(
+            hidden, w, labels, bias, backend=backend, softcap=3.0, z_loss=1e-3, label_smoothing=0.1
+        )
         loss.backward()
         outs.append((loss.detach(), w.grad))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
@@ -264,10 +276,10 @@ def test_autocast_fp32_params(backend):
     ref_in = leaves((hidden, weight, bias), torch.float64, trainable)
     ref = linear_cross_entropy_reference(*ref_in[:2], labels, ref_in[2], compute_dtype=torch.float64)
     ref.backward()
-    assert_close_to_baseline("loss", loss.detach(), base.detach(), ref.detach(), torch.bfloat16, n_terms=labels.numel())
+    assert_close_to_baseline("loss", loss.detach(), base.detach(), ref.detach(), torch.bfloat16, labels.numel())
     for name, o, b, r in zip(("d_hidden", "d_weight", "d_bias"), ours_in, base_in, ref_in):
         assert o.grad.dtype == torch.float32
-        assert_close_to_baseline(name, o.grad, b.grad, r.grad, torch.bfloat16)
+        assert_close_to_baseline(name, o.grad, b.grad, r.grad, torch.bfloat16, labels.numel())
 
 
 def test_module_matches_functional():
@@ -277,3 +289,61 @@ def test_module_matches_functional():
     got = mod(hidden, weight, labels, bias)
     want = linear_cross_entropy(hidden, weight, labels, bias, label_smoothing=0.1, shift=True, reduction="sum")
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 40),
+    d=st.integers(1, 33),
+    v=st.integers(1, 700),
+    chunk=st.one_of(st.none(), st.integers(1, 50)),
+    opts=st.fixed_dictionaries(
+        {
+            "reduction": st.sampled_from(["mean", "sum", "none"]),
+            "label_smoothing": st.sampled_from([0.0, 0.1, 1.0]),
+            "z_loss": st.sampled_from([0.0, 1e-3]),
+            "softcap": st.sampled_from([None, 2.0, 30.0]),
+            "logit_scale": st.sampled_from([1.0, 0.5, -2.0]),
+            "shift": st.booleans(),
+        }
+    ),
+    use_bias=st.booleans(),
+    backend=st.sampled_from(BACKENDS),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_any_shape_and_options_fp32(n, d, v, chunk, opts, use_bias, backend, seed):
+    """Property: for any shape and options, fp32 results are the reference's to fp32 rounding
+    (or, where cancellation makes that loose, as close as plain PyTorch in fp32 gets)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(DEVICE)
+    weight = (torch.randn(v, d, generator=g) * 2 / d**0.5).to(DEVICE)
+    bias = torch.randn(v, generator=g).to(DEVICE) if use_bias else None
+    labels = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    labels[torch.rand(n, generator=g).to(DEVICE) < 0.3] = -100
+    results = []
+    for fn, dtype, extra in (
+        (linear_cross_entropy, torch.float32, dict(chunk_size=chunk, backend=backend)),
+        (linear_cross_entropy_reference, torch.float32, {}),
+        (linear_cross_entropy_reference, torch.float64, dict(compute_dtype=torch.float64)),
+    ):
+        x, w, b = leaves((hidden, weight, bias), dtype, (True, True, True))
+        loss = fn(x, w, labels, b, **opts, **extra)
+        grad = torch.linspace(0.5, 2.0, loss.numel(), dtype=dtype, device=DEVICE).reshape(loss.shape)
+        (loss * grad).sum().backward()
+        results.append([loss.detach()] + [t.grad for t in (x, w, b) if t is not None])
+    for ours, base, ref in zip(*results):
+        assert rel_err(ours, ref) <= max(2e-5, 1.5 * rel_err(base, ref)), (ours, base, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_confident_tokens(backend, dtype):
+    """Tokens the model already predicts (p_y near 1, the regime late in training): the target's
+    gradient p_y - 1 is small, and must be as accurate as plain PyTorch's."""
+    hidden, weight, bias, labels = make_inputs((4, 32), 40, 300, logit_std=8.0)
+    logits = hidden @ weight.T + bias
+    confident = torch.rand(labels.shape, device=DEVICE) < 0.8
+    labels = torch.where(confident & (labels != -100), logits.argmax(-1), labels)
+    p_y = torch.softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    assert (p_y[confident & (labels != -100)] > 0.5).float().mean() > 0.5  # the premise holds
+    run_case((hidden, weight, bias, labels), dtype, backend, {"z_loss": 1e-4}, chunk_size=16)

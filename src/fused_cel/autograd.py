@@ -5,20 +5,23 @@ For each chunk of tokens:  logits = X_c @ W.T (+ b)   -> a preallocated [chunk, 
                            dX_c  = dlogits @ W          (own rows of dX)
                            dW   += dlogits.T @ X_c      (accumulated across chunks)
                            db   += dlogits.sum(0)
-so the whole [N, V] logits tensor never exists. dlogits is split as dense - a * onehot(y): the
-buffer holds the dense part, and the one-hot part (one fp32 number a per token) is folded in
-exactly, as the gathers/scatters dX_c -= a * W[y] and dW[y] -= a * X_c. For reduction "mean" and "sum" all of this runs in
-forward, and backward only multiplies the saved gradients by the scalar grad_output. For
+so the whole [N, V] logits tensor never exists. dlogits is split as dense + a * onehot(y): the
+buffer holds every entry but the target's (written 0), and the target entry (one fp32 number a per
+token) is folded in without rounding, as the gathers/scatters dX_c += a * W[y], dW[y] += a * X_c.
+
+For reduction "mean" and "sum" all of this runs in forward, and backward only multiplies the
+saved gradients by the scalar grad_output (times 1/n for the mean). For
 reduction "none" the per-token grad_output is needed inside the loop, so forward computes only the
 loss (and keeps the per-token log-sum-exp) and backward runs the loop again: one extra logits
 matmul, documented in the README.
 
 Precision policy: the logits buffer and the dense part of its gradient are in the compute dtype,
 like plain PyTorch's logits and the gradient it feeds to the linear layer; the gradient's target
-entries (its largest, all about -1/n) stay in fp32, where plain PyTorch rounds them to bf16 with
-a systematic error. Every matmul accumulates in fp32 (cuBLAS).
-dX and dW are held in fp32 until backward, which scales them by grad_output and rounds once to
-their own dtype: dW sums over all chunks in fp32, never in bf16. The fp32 dW accumulator costs
+entries (its largest) stay in fp32, where plain PyTorch rounds them to bf16 with a systematic
+error. The chunk holds the unscaled gradient (entries in [-1, 1], so fp16 does not underflow).
+Every matmul accumulates in fp32 (cuBLAS). dX and dW are held in fp32 until backward, which
+scales them by grad_output and rounds once to their own dtype: dW sums over all chunks in fp32,
+never in bf16. The fp32 dW accumulator costs
 V x D x 4 bytes beyond dW itself when W is not fp32 (none when it is, as under autocast with fp32
 parameters).
 """
@@ -149,17 +152,17 @@ def run_chunks(
         )
         if not write_grad:
             continue
-        # The one-hot part: token t's target row y_t gets -a_t (a_t = 0 where ignored).
+        # The target entries: token t's gradient at its target y_t is tg_t (0 where ignored).
         y = targets[start:end].clamp(0, V - 1)
         if dx is not None:
             _mm(logits, w, out=dx[start:end])
-            dx[start:end].addcmul_(tg[:, None], w[y], value=-1.0)
+            dx[start:end].addcmul_(tg[:, None], w[y])
         if dw is not None:
             _mm(logits.t(), xc, out=dw, accumulate=start > 0)
-            dw.index_put_((y,), tg[:, None] * -xc, accumulate=True)
+            dw.index_put_((y,), tg[:, None] * xc, accumulate=True)
         if db is not None:
             db.add_(logits.sum(0, dtype=torch.float32))
-            db.index_put_((y,), -tg, accumulate=True)
+            db.index_put_((y,), tg, accumulate=True)
 
 
 def _cast_into(src: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

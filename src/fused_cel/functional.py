@@ -127,7 +127,9 @@ def _check_tensors(hidden, weight, labels, bias) -> None:
     if V == 0 or D == 0:
         raise ValueError(f"weight must have V >= 1 and D >= 1, got shape {tuple(weight.shape)}")
     if hidden.shape[-1] != D:
-        raise ValueError(f"hidden's last dim ({hidden.shape[-1]}) must equal weight's D ({D}); weight is {tuple(weight.shape)}")
+        raise ValueError(
+            f"hidden's last dim ({hidden.shape[-1]}) must equal weight's D ({D}); weight is {tuple(weight.shape)}"
+        )
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(
             f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
@@ -136,7 +138,11 @@ def _check_tensors(hidden, weight, labels, bias) -> None:
         raise ValueError(f"bias must be [V] = [{V}], got shape {tuple(bias.shape)}")
     devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
     if len(devices) > 1:
-        names = ", ".join(f"{n}: {t.device}" for n, t in (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias)) if t is not None)
+        names = ", ".join(
+            f"{n}: {t.device}"
+            for n, t in (("hidden", hidden), ("weight", weight), ("labels", labels), ("bias", bias))
+            if t is not None
+        )
         raise ValueError(f"all tensors must be on one device, got {names}")
 
 
@@ -218,8 +224,7 @@ def _compute_dtype(hidden, weight, bias) -> torch.dtype:
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != hidden.dtype:
             raise TypeError(
-                f"hidden ({hidden.dtype}) and {name} ({t.dtype}) must have the same dtype "
-                "outside torch.autocast"
+                f"hidden ({hidden.dtype}) and {name} ({t.dtype}) must have the same dtype outside torch.autocast"
             )
     return hidden.dtype
 
@@ -231,8 +236,7 @@ def _check_label_range(targets: torch.Tensor, V: int, ignore_index: int) -> None
     if bad.any():  # the one host synchronisation of a call
         value = int(targets[bad][0])
         raise ValueError(
-            f"label {value} is out of range: labels must be in [0, V) = [0, {V}) or equal "
-            f"ignore_index ({ignore_index})"
+            f"label {value} is out of range: labels must be in [0, V) = [0, {V}) or equal ignore_index ({ignore_index})"
         )
 
 

@@ -5,9 +5,9 @@ BLOCK_V columns, twice:
 
   pass 1  online softmax in fp32 registers: running max, running sum of exp, and (for label
           smoothing) the running sum of the logits -> log-sum-exp and the token's loss;
-  pass 2  re-reads the row and overwrites it, in place and in the row's own dtype, with the
-          dense part of d(loss)/d(logits) times the token's gradient scale; the one-hot part
-          (the target column's -(1 - eps) term) goes out as one fp32 number per token.
+  pass 2  re-reads the row and overwrites it, in place and in the row's own dtype, with
+          d(loss)/d(logits) times the token's gradient scale, except the target column: it is
+          written as 0, and its gradient goes out as one fp32 number per token.
 
 Either pass can be left out: no pass 2 when no gradient is wanted (forward under no_grad, or
 reduction="none" whose gradient waits for backward), no pass 1 when the log-sum-exp is already
@@ -18,11 +18,12 @@ The math, with u = transformed logits and p = softmax(u):
     loss    = (1 - eps) * (lse - u[y]) + eps * (lse - mean(u)) + c * lse**2
     dloss/du_j = p_j * (1 + 2 c lse) - eps / V - (1 - eps) * [j == y]
     du/dz   = logit_scale * (1 - (u / softcap)**2)    (logit_scale alone without softcap)
-    dense_j = (p_j * (1 + 2 c lse) - eps / V) * du_j/dz_j * scale    -> the chunk, rounded
-    target  = (1 - eps) * du_y/dz_y * scale                          -> fp32, per token
-so that dlogits = dense - target * onehot(y). The caller folds the one-hot part into dX, dW and
-db exactly in fp32: the target entries are the largest of the gradient and all nearly equal
-(about -scale), so rounding them to bf16 would put a systematic error into every gradient.
+    dense_j = (p_j * (1 + 2 c lse) - eps / V) * du_j/dz_j * scale, j != y  -> the chunk, rounded
+    target  = ((1-eps)(p_y - 1) + eps (p_y - 1/V) + 2 c lse p_y) * du_y/dz_y * scale -> fp32
+so that dlogits = dense + target * onehot(y). The caller folds the target part into dX, dW and
+db in fp32: the target entries are the gradient's largest, and rounding them to bf16 (as plain
+PyTorch does) puts a systematic error into every gradient. p_y - 1 is formed first, in fp32
+(exactly, for p_y >= 1/2), so a confident token loses nothing to cancellation.
 Ignored tokens get loss 0 and gradient 0. A label outside [0, V) that is not ignore_index gets a
 NaN loss (never an out-of-bounds read); the public API rejects such labels before this point.
 """
@@ -63,7 +64,7 @@ def _ce_chunk_kernel(
     lse_ptr,  # *fp32 [rows]: per-token log-sum-exp, written if COMPUTE_LSE, else read
     scale_ptr,  # *fp32: each token's gradient multiplier (1/divisor, or backward's grad_output)
     scale_stride,  # 0: one multiplier for all tokens, 1: one per token
-    target_grad_ptr,  # *fp32 [rows]: out, the one-hot part of each token's gradient (if WRITE_GRAD)
+    target_grad_ptr,  # *fp32 [rows]: out, each token's gradient at its target (if WRITE_GRAD)
     V,  # vocabulary size (columns of logits)
     ignore_index,  # target id that marks a token as not counted
     label_smoothing,  # eps in [0, 1]
@@ -98,9 +99,11 @@ def _ce_chunk_kernel(
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(u - m_new), axis=0)
             u_sum += tl.sum(tl.where(mask, u, 0.0), axis=0)
             m = m_new
-        lse = m + tl.log(s)
-        loss = (1.0 - label_smoothing) * (lse - u_y)
-        loss += label_smoothing * (lse - u_sum / V)
+        # lse = m + log_s, kept apart: (m - u_y) + log_s loses nothing when u_y is the max.
+        log_s = tl.log(s)
+        lse = m + log_s
+        loss = (1.0 - label_smoothing) * ((m - u_y) + log_s)
+        loss += label_smoothing * ((m - u_sum / V) + log_s)
         loss += z_loss * lse * lse
         loss = tl.where(valid, loss, float("nan"))
         loss = tl.where(ignored, 0.0, loss)
@@ -108,20 +111,25 @@ def _ce_chunk_kernel(
         tl.store(lse_ptr + row, lse)
     else:
         lse = tl.load(lse_ptr + row)
+        m, log_s = lse, 0.0
 
     if WRITE_GRAD:
         coef = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * logit_scale
         coef = tl.where(valid & (target != ignore_index), coef, 0.0)
         p_coef = 1.0 + 2.0 * z_loss * lse
-        t_y = u_y / softcap
-        dt_y = (1.0 - t_y * t_y) if HAS_SOFTCAP else 1.0
-        tl.store(target_grad_ptr + row, (1.0 - label_smoothing) * dt_y * coef)
+        p_y = tl.exp((u_y - m) - log_s)
+        g_y = (1.0 - label_smoothing) * (p_y - 1.0) + label_smoothing * (p_y - 1.0 / V) + 2.0 * z_loss * lse * p_y
+        if HAS_SOFTCAP:
+            t_y = u_y / softcap
+            g_y = g_y * (1.0 - t_y * t_y)
+        tl.store(target_grad_ptr + row, g_y * coef)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
             z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             u = _transform(z, logit_scale, softcap, HAS_SOFTCAP)
-            d = tl.exp(u - lse) * p_coef - label_smoothing / V
+            d = tl.exp((u - m) - log_s) * p_coef - label_smoothing / V
+            d = tl.where(cols == target, 0.0, d)
             if HAS_SOFTCAP:
                 t = u / softcap
                 d = d * (1.0 - t * t)
@@ -152,8 +160,8 @@ def ce_chunk(
     logits [rows, V] (unit column stride) is overwritten with the gradient if ``write_grad``.
     ``loss`` and ``lse`` ([rows], fp32) are written if ``compute_lse``; otherwise ``lse`` is read.
     ``grad_scale`` is an fp32 tensor of one element (all tokens) or ``rows`` elements (per token).
-    ``target_grad`` ([rows], fp32) receives the one-hot part of the gradient if ``write_grad``:
-    d(loss)/d(logits) = (the chunk as written) - target_grad[:, None] * onehot(targets).
+    ``target_grad`` ([rows], fp32) receives the gradient at each target if ``write_grad``:
+    d(loss)/d(logits) = (the chunk as written) + target_grad[:, None] * onehot(targets).
     """
     rows, V = logits.shape
     if rows == 0:

@@ -45,20 +45,24 @@ def ce_chunk(
     safe = torch.where(valid, targets, 0)
 
     if compute_lse:
+        # log_softmax forms (u - max) - log(sum): no cancellation for the likeliest classes.
+        log_p = torch.log_softmax(u, dim=-1)
         lse.copy_(torch.logsumexp(u, dim=-1))
-        u_y = u.gather(1, safe[:, None]).squeeze(1)
-        per_token = (1.0 - label_smoothing) * (lse - u_y)
-        per_token = per_token + label_smoothing * (lse - u.mean(dim=-1))
+        per_token = (1.0 - label_smoothing) * -log_p.gather(1, safe[:, None]).squeeze(1)
+        per_token = per_token - label_smoothing * log_p.mean(dim=-1)
         per_token = per_token + z_loss * lse * lse
         per_token = torch.where(valid, per_token, float("nan"))
         loss.copy_(torch.where(ignored, 0.0, per_token))
 
     if write_grad:
-        # dlogits = d - target_grad * onehot(targets): the one-hot part stays in fp32 (kernels.py).
+        # dlogits = d + target_grad * onehot(targets): the target entry stays in fp32 (kernels.py).
         coef = torch.where(ignored | ~valid, 0.0, grad_scale.float().expand(rows)) * logit_scale
-        d = torch.exp(u - lse[:, None]) * (1.0 + 2.0 * z_loss * lse)[:, None]
-        d -= label_smoothing / V
+        p = torch.exp(log_p) if compute_lse else torch.exp(u - lse[:, None])
+        d = p * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / V
         du_dz = 1.0 - (u / softcap) ** 2 if softcap is not None else torch.ones_like(u)
         d *= du_dz * coef[:, None]
-        target_grad.copy_((1.0 - label_smoothing) * du_dz.gather(1, safe[:, None]).squeeze(1) * coef)
+        p_y = p.gather(1, safe[:, None]).squeeze(1)
+        g_y = (1.0 - label_smoothing) * (p_y - 1.0) + label_smoothing * (p_y - 1.0 / V) + 2.0 * z_loss * lse * p_y
+        target_grad.copy_(g_y * du_dz.gather(1, safe[:, None]).squeeze(1) * coef)
+        d.scatter_(1, safe[:, None], 0.0)
         logits.copy_(d)
