@@ -347,3 +347,20 @@ def test_confident_tokens(backend, dtype):
     p_y = torch.softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
     assert (p_y[confident & (labels != -100)] > 0.5).float().mean() > 0.5  # the premise holds
     run_case((hidden, weight, bias, labels), dtype, backend, {"z_loss": 1e-4}, chunk_size=16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inside_torch_compile(backend):
+    """A compiled model that ends in the loss still works and gives the eager gradients."""
+    hidden, weight, bias, labels = make_inputs((2, 16), 24, 300)
+
+    def model(h, w):
+        return linear_cross_entropy(torch.tanh(h) * 2, w, labels, softcap=5.0, shift=True, backend=backend)
+
+    results = []
+    for fn in (model, torch.compile(model, backend="aot_eager", fullgraph=False)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)

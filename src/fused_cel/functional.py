@@ -15,6 +15,9 @@ _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "triton", "torch")
 
 
+# torch.compile: the op runs eagerly (one graph break at the loss). Dynamo would otherwise trace
+# into the chunk loop and the label check's host sync; a custom_op wrapper is the later fix.
+@torch.compiler.disable
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
