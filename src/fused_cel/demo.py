@@ -11,77 +11,22 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import pickle
 import resource
-import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import fused_cel
 
+from .bench import DTYPES, make_inputs, plain_loss, reference, rel_err, step, time_gpu
+
 GPU_SHAPE = (8192, 4096, 128256)
 CPU_SHAPE = (1024, 512, 16384)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def make_inputs(n, d, v, device, seed=0):
-    """Hidden states, head weight and labels like a real LM head's (logits std about 2)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = torch.randn(n, d, generator=g)
-    weight = torch.randn(v, d, generator=g) * (2.0 / d**0.5)
-    labels = torch.randint(0, v, (n,), generator=g)
-    labels[torch.rand(n, generator=g) < 0.1] = -100  # some padding
-    return hidden.to(device), weight.to(device), labels.to(device)
-
-
-def plain_loss(hidden, weight, labels):
-    return F.cross_entropy(F.linear(hidden, weight).float(), labels)
 
 
 def fused_loss(hidden, weight, labels, chunk_size=None):
     return fused_cel.linear_cross_entropy(hidden, weight, labels, chunk_size=chunk_size)
-
-
-def step(loss_fn, hidden, weight, labels):
-    """One forward + backward on fresh leaves sharing the inputs' storage; loss and gradients."""
-    x = hidden.detach().requires_grad_()
-    w = weight.detach().requires_grad_()
-    loss = loss_fn(x, w, labels)
-    loss.backward()
-    return loss.detach(), x.grad, w.grad
-
-
-def reference(hidden, weight, labels, chunk=1024):
-    """float64 loss and gradients, computed chunk by chunk to stay within GPU memory."""
-    x = hidden.double().requires_grad_()
-    w = weight.double().requires_grad_()
-    count = (labels != -100).sum().clamp(min=1)
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for s in range(0, x.shape[0], chunk):
-        part = fused_cel.linear_cross_entropy_reference(
-            x[s : s + chunk], w, labels[s : s + chunk], reduction="sum", compute_dtype=torch.float64
-        )
-        (part / count).backward()
-        total += part.detach()
-    return total / count, x.grad, w.grad
-
-
-def rel_err(got, ref):
-    return ((got.double() - ref).norm() / ref.norm()).item()
-
-
-def time_gpu(fn, warmup=2, reps=5):
-    times = []
-    for i in range(warmup + reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def measure_gpu(loss_fn, hidden, weight, labels, dtype):
@@ -108,7 +53,9 @@ def _cpu_child(name, shape, dtype, conn):
     ms = (time.perf_counter() - t0) * 1e3
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     extra = max(peak - before, 0) / 1024 - (dx.nbytes + dw.nbytes) / 2**20
-    conn.send((ms, max(extra, 0.0), loss, dx, dw))
+    # Plain pickle copies the tensors' bytes; Connection.send would share them through files
+    # that vanish when this process exits.
+    conn.send_bytes(pickle.dumps((ms, max(extra, 0.0), loss, dx, dw)))
 
 
 def measure_cpu(name, shape, dtype):
@@ -117,7 +64,7 @@ def measure_cpu(name, shape, dtype):
     parent, child = ctx.Pipe()
     p = ctx.Process(target=_cpu_child, args=(name, shape, dtype, child))
     p.start()
-    result = parent.recv()
+    result = pickle.loads(parent.recv_bytes())
     p.join()
     return result
 
