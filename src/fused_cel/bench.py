@@ -325,6 +325,9 @@ def floor_flops(shape, cfg):
 def floor_ms(x, w, cfg):
     """Median ms of the matmuls no method can avoid, by cuBLAS into preallocated buffers."""
     x, w = x.to(cfg.autocast or cfg.dtype), w.to(cfg.autocast or cfg.dtype)
+    # V padded to a multiple of 64 with zero rows, as torch.compile does: at an odd V (GPT-2)
+    # cuBLAS is otherwise 5-7x slower, and the floor is the best the matmuls can do.
+    w = F.pad(w, (0, 0, 0, -w.shape[0] % 64))
     logits = x @ w.T  # real values, reused as dlogits
     dx = torch.empty_like(x)
     dw = torch.empty_like(w) if cfg.train_weight else None
