@@ -1,6 +1,7 @@
 """fused_cel: the LM head and its cross-entropy loss without the tokens x vocab logits tensor."""
 
 from .functional import linear_cross_entropy, triton_available
+from .integrations.hf import patch, unpatch
 from .module import FusedLinearCrossEntropyLoss
 from .reference import linear_cross_entropy_reference
 
@@ -8,6 +9,8 @@ __all__ = [
     "FusedLinearCrossEntropyLoss",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "patch",
     "triton_available",
+    "unpatch",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,233 @@
+"""Hugging Face causal LMs: fused_cel.patch(model) / fused_cel.unpatch(model).
+
+No model's forward is copied. The patch wraps three things on the model instance, and each
+wrapper calls the stock code:
+
+- ``model.forward``: when the model is training and labels are given, it arms the head for this
+  call (labels, shift_labels, num_items_in_batch, ignore_index) and calls the stock forward;
+  afterwards it puts ``None`` where the logits would be.
+- ``lm_head.forward`` (the output embedding): when armed, it computes the fused loss from its
+  input, the final hidden states, and returns an empty placeholder instead of the logits. The
+  weight is read inside the head's own forward, where FSDP and DeepSpeed ZeRO-3 have gathered it.
+- ``model.loss_function``: returns the loss the head computed; the stock forward calls it as
+  usual, so whatever it does around the logits (softcap, scaling) runs on the placeholder.
+
+Logit transforms the stock forward applies after the head are read from the model at patch time
+(Gemma 2/3 ``final_logit_softcapping`` -> softcap, Cohere ``logit_scale``, Granite
+``logits_scaling``); ``patch`` then checks that the stock forward transforms the head's output
+exactly so, and refuses the model with a clear error if it does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+
+from ..functional import check_options, linear_cross_entropy
+from ..module import _DEFAULTS
+from ..torch_impl import transform
+
+_ATTR = "_fused_cel_patch"
+_MODEL_OPTIONS = ("softcap", "logit_scale")  # read from the model unless given
+
+
+@dataclasses.dataclass
+class _PatchState:
+    options: dict  # keyword options of linear_cross_entropy
+    return_logits: bool
+    head: torch.nn.Module
+    stock_forward: object  # the model's forward before the patch
+    saved: dict = dataclasses.field(default_factory=dict)  # replaced attributes: (obj, name) -> old
+    armed: dict | None = None  # this call's labels etc., set by the model forward wrapper
+    loss: torch.Tensor | None = None  # the fused loss, from the head to loss_function
+    placeholder: torch.Tensor | None = None
+
+
+_MISSING = object()
+
+
+def patch(model: torch.nn.Module, *, return_logits: bool = False, verify: bool = True, **loss_options):
+    """Make ``model``'s training loss come from fused_cel; returns the model.
+
+    loss_options: keyword options of fused_cel.linear_cross_entropy (softcap and logit_scale are
+    read from the model unless given; shift, num_items and ignore_index come from each call).
+    return_logits: also compute and return the logits in training (they cost their memory).
+    verify: check that the stock forward transforms the head's output as the options say.
+    """
+    if getattr(model, _ATTR, None) is not None:
+        raise RuntimeError("this model is already patched by fused_cel; call fused_cel.unpatch(model) first")
+    head = _linear_head(model)
+    per_call = {"shift", "num_items", "ignore_index"} & loss_options.keys()
+    if per_call:
+        raise TypeError(f"{sorted(per_call)} come from each forward call (labels, shift_labels, num_items_in_batch)")
+    options = {**_model_logit_options(model), **loss_options}
+    unknown = set(options) - set(_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; valid: {sorted(_DEFAULTS)}")
+    check_options(**{k: v for k, v in {**_DEFAULTS, **options}.items() if k != "num_items"})
+
+    state = _PatchState(options=options, return_logits=return_logits, head=head, stock_forward=model.forward)
+    _replace(state, head, "forward", _head_forward(state, head.forward))
+    _replace(state, model, "forward", _model_forward(state, model))
+    _replace(state, model, "_loss_function", _loss_function(state, model.loss_function))
+    setattr(model, _ATTR, state)
+    if verify:
+        try:
+            _verify(model, state)
+        except Exception:
+            unpatch(model)
+            raise
+    return model
+
+
+def unpatch(model: torch.nn.Module):
+    """Restore the stock behaviour of a model patched by fused_cel.patch; returns the model."""
+    state = getattr(model, _ATTR, None)
+    if state is None:
+        raise RuntimeError("this model is not patched by fused_cel")
+    for (obj, name), value in state.saved.items():
+        if value is _MISSING:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, value)
+    delattr(model, _ATTR)
+    return model
+
+
+def _linear_head(model):
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        raise TypeError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None)")
+    if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
+        raise TypeError(
+            f"the LM head of {type(model).__name__} is wrapped by PEFT ({type(head).__name__}); fused_cel needs "
+            "a plain linear head: keep lm_head out of the LoRA target modules"
+        )
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"the LM head of {type(model).__name__} is a {type(head).__name__}, not a torch.nn.Linear")
+    return head
+
+
+def _model_logit_options(model) -> dict:
+    """softcap / logit_scale that the stock forward applies after the head."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    options = {}
+    softcap = getattr(text, "final_logit_softcapping", None)
+    if softcap is not None:
+        options["softcap"] = float(softcap)
+    scale = getattr(model, "logit_scale", None)  # Cohere: logits * logit_scale
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        options["logit_scale"] = float(scale)
+    scaling = getattr(text, "logits_scaling", None)  # Granite: logits / logits_scaling
+    if isinstance(scaling, (int, float)) and scaling:
+        options["logit_scale"] = options.get("logit_scale", 1.0) / float(scaling)
+    return options
+
+
+def _replace(state, obj, name, value):
+    state.saved[(obj, name)] = obj.__dict__.get(name, _MISSING)
+    setattr(obj, name, value)
+
+
+def _head_forward(state, stock_forward):
+    def forward(hidden_states):
+        armed, state.armed = state.armed, None
+        if armed is None:
+            return stock_forward(hidden_states)
+        if "probe" in armed:  # _verify: return the chosen logits
+            return armed["probe"]
+        head = state.head
+        shift_labels = armed["shift_labels"]
+        target = armed["labels"] if shift_labels is None else shift_labels
+        num_items = armed["num_items"]
+        state.loss = linear_cross_entropy(
+            hidden_states,
+            head.weight,
+            target.to(hidden_states.device),
+            head.bias,
+            **state.options,
+            ignore_index=armed["ignore_index"],
+            shift=shift_labels is None,
+            num_items=num_items,
+        )
+        if state.return_logits:
+            return stock_forward(hidden_states)
+        state.placeholder = hidden_states.new_empty((*hidden_states.shape[:-1], 0))
+        return state.placeholder
+
+    return forward
+
+
+def _model_forward(state, model):
+    stock_forward = state.stock_forward
+    signature = inspect.signature(stock_forward)
+
+    def forward(*args, **kwargs):
+        labels = signature.bind_partial(*args, **kwargs).arguments.get("labels")
+        shift_labels = kwargs.get("shift_labels")
+        if (labels is None and shift_labels is None) or not model.training:
+            return stock_forward(*args, **kwargs)
+        state.armed = {
+            "labels": labels,
+            "shift_labels": shift_labels,
+            "num_items": kwargs.get("num_items_in_batch"),
+            "ignore_index": kwargs.get("ignore_index", -100),
+        }
+        try:
+            out = stock_forward(*args, **kwargs)
+        finally:
+            state.armed, state.loss = None, None
+        placeholder, state.placeholder = state.placeholder, None
+        if placeholder is None:
+            return out
+        if isinstance(out, tuple):
+            return tuple(None if t is placeholder else t for t in out)
+        out["logits"] = None
+        return out
+
+    return forward
+
+
+def _loss_function(state, stock_loss_function):
+    def loss_function(*args, **kwargs):
+        if state.loss is None:  # not armed: eval with labels, or the stock path in verify
+            return stock_loss_function(*args, **kwargs)
+        loss, state.loss = state.loss, None
+        return loss
+
+    return loss_function
+
+
+def _verify(model, state):
+    """The stock forward's transform of the head's output is the one the options describe.
+
+    The armed head returns chosen logits z (std 10, so a softcap shows) instead of computing
+    them; the stock forward applies whatever it applies after the head, and the result must be
+    softcap * tanh(logit_scale * z / softcap) (or logit_scale * z).
+    """
+    head = state.head
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    vocab = min(head.weight.shape[0], getattr(text_config, "vocab_size", head.weight.shape[0]))
+    ids = torch.randint(0, vocab, (1, 8), device=head.weight.device)
+    z = torch.randn(1, 8, head.weight.shape[0], device=head.weight.device) * 10
+    softcap, scale = state.options.get("softcap"), state.options.get("logit_scale", 1.0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            state.armed = {"probe": z.to(head.weight.dtype)}
+            got = state.stock_forward(input_ids=ids).logits.float()
+    finally:
+        state.armed = None
+        model.train(was_training)
+    want = transform(z.to(head.weight.dtype).float(), scale, softcap)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item()):
+        raise ValueError(
+            f"fused_cel cannot serve {type(model).__name__}: its forward does not turn the LM head's output z "
+            f"into softcap * tanh(logit_scale * z / softcap) with softcap={softcap}, logit_scale={scale} "
+            "(pass softcap= / logit_scale= if you know its transform)"
+        )

@@ -1,0 +1,148 @@
+"""fused_cel.patch on tiny Hugging Face causal LMs built from configs (random weights, no
+downloads): loss and every parameter's gradient equal to the stock model's."""
+
+import copy
+
+import pytest
+import torch
+
+import fused_cel
+
+transformers = pytest.importorskip("transformers")
+
+COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_key_value_heads=2, head_dim=16)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_key_value_heads=2, head_dim=16)),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(num_key_value_heads=2, head_dim=16, final_logit_softcapping=5.0),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(num_key_value_heads=2, head_dim=16, final_logit_softcapping=5.0),
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2, pad_token_id=0)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(num_key_value_heads=2)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(num_key_value_heads=2, logit_scale=0.5)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(num_key_value_heads=2, logits_scaling=4.0)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", None),
+}
+
+
+def tiny_model(family):
+    config_name, model_name, extra = FAMILIES[family]
+    if extra is None:  # GPT-2 names its sizes differently; tied embeddings
+        config = transformers.GPT2Config(
+            vocab_size=300, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )
+    else:
+        config = getattr(transformers, config_name)(**COMMON, **extra)
+    return getattr(transformers, model_name)(config).train()
+
+
+def batch(pad=True):
+    ids = torch.randint(0, 300, (2, 12))
+    labels = ids.clone()
+    if pad:
+        labels[0, :4] = -100
+    return ids, labels
+
+
+def compare(stock, patched, **kwargs):
+    """Run both with the same inputs; assert equal loss and gradients; return patched output."""
+    out_s = stock(**kwargs)
+    out_s.loss.backward()
+    out_p = patched(**kwargs)
+    out_p.loss.backward()
+    torch.testing.assert_close(out_p.loss, out_s.loss, rtol=1e-5, atol=1e-6)
+    grads_s = {n: p.grad for n, p in stock.named_parameters()}
+    for name, p in patched.named_parameters():
+        if grads_s[name] is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, grads_s[name], rtol=1e-4, atol=1e-6, msg=name)
+    return out_p
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_stock(family):
+    stock = tiny_model(family)
+    patched = fused_cel.patch(copy.deepcopy(stock))
+    ids, labels = batch()
+    out = compare(stock, patched, input_ids=ids, labels=labels)
+    assert out.logits is None  # not computed in training
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_shift_labels_and_num_items(family):
+    stock = tiny_model(family)
+    patched = fused_cel.patch(copy.deepcopy(stock))
+    ids, labels = batch()
+    shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    compare(stock, patched, input_ids=ids, labels=labels, shift_labels=shift)
+    compare(stock, patched, input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(37))
+
+
+def test_return_dict_false_and_eval_and_unpatch():
+    stock = tiny_model("llama")
+    patched = fused_cel.patch(copy.deepcopy(stock))
+    ids, labels = batch()
+    loss, logits = patched(input_ids=ids, labels=labels, return_dict=False)[:2]
+    assert logits is None and loss.ndim == 0
+    patched.eval()  # without training, stock behaviour: logits, and the stock loss with labels
+    out = patched(input_ids=ids, labels=labels)
+    assert out.logits.shape == (2, 12, 300)
+    fused_cel.unpatch(patched).train()
+    assert patched(input_ids=ids, labels=labels).logits.shape == (2, 12, 300)
+    assert "forward" not in patched.__dict__ and "_loss_function" not in patched.__dict__
+
+
+def test_return_logits_option():
+    stock = tiny_model("llama")
+    patched = fused_cel.patch(copy.deepcopy(stock), return_logits=True)
+    ids, labels = batch()
+    out = compare(stock, patched, input_ids=ids, labels=labels)
+    assert out.logits.shape == (2, 12, 300)
+
+
+def test_frozen_head_gets_no_gradient():
+    stock = tiny_model("llama")
+    patched = fused_cel.patch(copy.deepcopy(stock))
+    for model in (stock, patched):
+        model.lm_head.weight.requires_grad_(False)
+    ids, labels = batch()
+    compare(stock, patched, input_ids=ids, labels=labels)
+    assert patched.lm_head.weight.grad is None
+
+
+def test_refuses_what_it_cannot_serve():
+    model = tiny_model("gemma2")
+    with pytest.raises(ValueError, match="cannot serve Gemma2ForCausalLM: its forward does not turn"):
+        fused_cel.patch(model, softcap=None)  # the stock forward softcaps: a mismatch is caught
+    assert "forward" not in model.__dict__  # refused patches leave the model as it was
+    fused_cel.patch(model)
+    with pytest.raises(RuntimeError, match="already patched"):
+        fused_cel.patch(model)
+    with pytest.raises(TypeError, match="come from each forward call"):
+        fused_cel.patch(tiny_model("llama"), shift=True)
+    with pytest.raises(TypeError, match=r"Module has no output embedding \(get_output_embeddings\(\) is None\)"):
+        fused_cel.patch(torch.nn.Module())
+    odd = tiny_model("llama")
+    odd.set_output_embeddings(torch.nn.Sequential(odd.lm_head))
+    with pytest.raises(TypeError, match="the LM head of LlamaForCausalLM is a Sequential, not a torch.nn.Linear"):
+        fused_cel.patch(odd)
+
+
+def test_gradient_checkpointing():
+    stock = tiny_model("llama")
+    patched = fused_cel.patch(copy.deepcopy(stock))
+    for model in (stock, patched):
+        model.gradient_checkpointing_enable()
+    ids, labels = batch()
+    compare(stock, patched, input_ids=ids, labels=labels)
