@@ -219,8 +219,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         db = torch.empty(V, **f32) if need_db else None
         run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=ones, dx=dx, dw=dw, db=db)
         ctx.grads, ctx.divisor = (dx, dw, db), divisor
-        total = loss.sum()
-        return total if divisor is None else total / divisor
+        return _reduce(loss, opts.reduction, divisor)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -261,7 +260,11 @@ def loss_only(x, w, b, targets, divisor, opts: Options) -> torch.Tensor:
     f32 = dict(dtype=torch.float32, device=x.device)
     loss, lse = torch.empty(N, **f32), torch.empty(N, **f32)
     run_chunks(x, w, b, targets, opts, loss=loss, lse=lse)
-    if opts.reduction == "none":
+    return _reduce(loss, opts.reduction, divisor)
+
+
+def _reduce(loss: torch.Tensor, reduction: str, divisor: torch.Tensor | None) -> torch.Tensor:
+    """Per-token losses -> the result: as they are ("none"), their sum, or sum / divisor."""
+    if reduction == "none":
         return loss
-    total = loss.sum()
-    return total if divisor is None else total / divisor
+    return loss.sum() if divisor is None else loss.sum() / divisor
