@@ -30,7 +30,6 @@ from ..module import _DEFAULTS
 from ..torch_impl import transform
 
 _ATTR = "_fused_cel_patch"
-_MODEL_OPTIONS = ("softcap", "logit_scale")  # read from the model unless given
 
 
 @dataclasses.dataclass
