@@ -146,3 +146,71 @@ def test_gradient_checkpointing():
         model.gradient_checkpointing_enable()
     ids, labels = batch()
     compare(stock, patched, input_ids=ids, labels=labels)
+
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.mark.parametrize(
+    "lora", [dict(target_modules=["q_proj", "v_proj"]), dict(target_modules=["q_proj"], modules_to_save=["lm_head"])]
+)
+def test_peft_lora(lora):
+    """LoRA with a frozen head (no dW work), and with the head trained via modules_to_save."""
+    base = tiny_model("llama")
+    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **lora)
+    stock = peft.get_peft_model(copy.deepcopy(base), config)
+    patched = fused_cel.patch(peft.get_peft_model(copy.deepcopy(base), config))
+    patched.load_state_dict(stock.state_dict())  # the same LoRA initialisation
+    ids, labels = batch()
+    compare(stock, patched, input_ids=ids, labels=labels)
+    head = patched.get_base_model().lm_head
+    if "modules_to_save" in lora:
+        assert head.modules_to_save["default"].weight.grad is not None
+    else:
+        assert head.weight.grad is None
+    fused_cel.unpatch(patched)
+
+
+def test_peft_lora_on_the_head_is_refused():
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(TypeError, match="is a PEFT adapter layer .*keep lm_head out of the LoRA target modules"):
+        fused_cel.patch(model)
+
+
+def test_trainer_gradient_accumulation(tmp_path):
+    """4 micro-batches of uneven token counts through Trainer: one optimizer step equals stock's
+    (Trainer's num_items_in_batch normalisation comes out exactly as without the patch)."""
+    pytest.importorskip("accelerate")
+    data = []
+    for i in range(8):
+        ids, labels = torch.randint(0, 300, (12,)), None
+        labels = ids.clone()
+        labels[: 1 + i] = -100  # a different number of counted tokens in every sequence
+        data.append({"input_ids": ids, "labels": labels})
+    base = tiny_model("llama")
+    results = []
+    for name, model in (("stock", copy.deepcopy(base)), ("patched", fused_cel.patch(copy.deepcopy(base)))):
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / name),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=4,
+            max_steps=1,
+            learning_rate=0.1,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            report_to=[],
+            use_cpu=True,
+            remove_unused_columns=False,
+            save_strategy="no",
+            seed=0,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        loss = trainer.train().training_loss
+        results.append((loss, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (loss_s, params_s), (loss_p, params_p) = results
+    assert loss_p == pytest.approx(loss_s, rel=1e-5)
+    moved = 0
+    for n, p in params_s.items():
+        torch.testing.assert_close(params_p[n], p, rtol=1e-5, atol=1e-7, msg=n)
+        moved += not torch.equal(p, dict(base.named_parameters())[n])
+    assert moved > 0  # the step did something

@@ -55,6 +55,7 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, verify: bool =
     return_logits: also compute and return the logits in training (they cost their memory).
     verify: check that the stock forward transforms the head's output as the options say.
     """
+    outer, model = model, _transformers_model(model)
     if getattr(model, _ATTR, None) is not None:
         raise RuntimeError("this model is already patched by fused_cel; call fused_cel.unpatch(model) first")
     head = _linear_head(model)
@@ -78,11 +79,12 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, verify: bool =
         except Exception:
             unpatch(model)
             raise
-    return model
+    return outer
 
 
 def unpatch(model: torch.nn.Module):
     """Restore the stock behaviour of a model patched by fused_cel.patch; returns the model."""
+    outer, model = model, _transformers_model(model)
     state = getattr(model, _ATTR, None)
     if state is None:
         raise RuntimeError("this model is not patched by fused_cel")
@@ -92,7 +94,13 @@ def unpatch(model: torch.nn.Module):
         else:
             setattr(obj, name, value)
     delattr(model, _ATTR)
-    return model
+    return outer
+
+
+def _transformers_model(model):
+    """The transformers model inside a PEFT wrapper (its forward computes logits and the loss)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
 
 
 def _linear_head(model):
@@ -102,11 +110,13 @@ def _linear_head(model):
         raise TypeError(f"{type(model).__name__} has no output embedding (get_output_embeddings() is None)")
     if hasattr(head, "lora_A") or hasattr(head, "base_layer"):
         raise TypeError(
-            f"the LM head of {type(model).__name__} is wrapped by PEFT ({type(head).__name__}); fused_cel needs "
-            "a plain linear head: keep lm_head out of the LoRA target modules"
+            f"the LM head of {type(model).__name__} is a PEFT adapter layer ({type(head).__name__}), whose output is "
+            "not x @ weight.T: keep lm_head out of the LoRA target modules (modules_to_save=['lm_head'] is served)"
         )
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"the LM head of {type(model).__name__} is a {type(head).__name__}, not a torch.nn.Linear")
+    # PEFT's modules_to_save wrapper forwards to a trainable copy; head.weight resolves to it.
+    inner = head.original_module if hasattr(head, "original_module") and hasattr(head, "modules_to_save") else head
+    if not isinstance(inner, torch.nn.Linear):
+        raise TypeError(f"the LM head of {type(model).__name__} is a {type(inner).__name__}, not a torch.nn.Linear")
     return head
 
 
