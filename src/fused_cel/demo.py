@@ -1,6 +1,11 @@
-"""python -m fused_cel.demo: fused_cel next to plain PyTorch on one LM-head shape.
+"""python -m fused_cel.demo: fused_cel next to stock PyTorch / transformers.
 
-Computes the mean next-token loss and the gradients of hidden and weight with plain PyTorch
+    python -m fused_cel.demo            train a small Llama-architecture model on the bundled text,
+                                        stock vs fused_cel.patch: loss agreement, peak memory,
+                                        tokens/s, and a loss-curve PNG (python -m fused_cel.demo -h)
+    python -m fused_cel.demo head       one LM head, plain PyTorch vs fused_cel (below)
+
+The head demo computes the mean next-token loss and the gradients of hidden and weight with plain PyTorch
 (F.linear, upcast to fp32, F.cross_entropy: what Hugging Face models do) and with fused_cel, and
 prints side by side: time of forward + backward, peak memory beyond the inputs and the gradients,
 and the error of loss and gradients against a float64 reference. On a GPU the default shape is
@@ -13,12 +18,14 @@ import argparse
 import multiprocessing
 import pickle
 import resource
+import sys
 import time
 
 import torch
 
 import fused_cel
 
+from . import train_demo
 from .bench import DTYPES, make_inputs, plain_loss, reference, rel_err, step, time_gpu
 
 GPU_SHAPE = (8192, 4096, 128256)
@@ -70,7 +77,70 @@ def measure_cpu(name, shape, dtype):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["head"]:
+        return head_main(argv[1:])
+    return train_main(argv)
+
+
+def train_main(argv):
+    ap = argparse.ArgumentParser(prog="python -m fused_cel.demo", description=train_demo.__doc__)
+    ap.add_argument("--size", choices=train_demo.SIZES, default="tiny", help="model shape (random init)")
+    ap.add_argument("--methods", default="stock,fused_cel", help=f"comma list of {', '.join(train_demo.METHODS)}")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--seq", type=int, default=128, help="tokens per sequence")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--dtype", choices=DTYPES, help="default: bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    ap.add_argument("--plot", default="demo-loss.png", help="loss-curve PNG ('' for none)")
+    ap.add_argument("--longest", type=int, default=0, help="also find the longest sequence (<= this) that trains")
+    args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(train_demo.METHODS))
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; valid: {', '.join(train_demo.METHODS)}")
+    device = torch.device(_device(args.device))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(
+        f"fused_cel {fused_cel.__version__} training demo on {where}: {args.size} Llama, {dtype}, "
+        f"{args.batch} x {args.seq} tokens a step, {args.steps} steps"
+    )
+    common = dict(size=args.size, dtype=dtype, device=device, batch=args.batch, lr=args.lr)
+    results = {m: train_demo.run_isolated(m, seq=args.seq, steps=args.steps, **common) for m in methods}
+    stock = results.get("stock", {}).get("losses")
+    mem = "peak MiB" if device.type == "cuda" else "peak RSS growth MiB"
+    print(f"\n{'method':<11}{'first loss':>11}{'final loss':>11}{'max |diff| vs stock':>21}{'tokens/s':>11}{mem:>21}")
+    for m, r in results.items():
+        if "losses" not in r:
+            print(f"{m:<11} {r}")
+            continue
+        diff = max(abs(a - b) for a, b in zip(r["losses"], stock)) if stock else float("nan")
+        print(
+            f"{m:<11}{r['losses'][0]:>11.5f}{r['losses'][-1]:>11.5f}{diff:>21.2e}"
+            f"{r['tokens_per_s']:>11.0f}{r['peak_mib']:>21.0f}"
+        )
+    if args.plot:
+        train_demo.plot(results, args.plot)
+        print(f"loss curves: {args.plot}")
+    if args.longest:
+        for m in methods:
+            n = train_demo.longest_sequence(m, args.seq, args.longest, **{**common, "batch": 1})
+            print(f"longest sequence {m} trains (batch 1, doubling from {args.seq}): {n or 'none'}")
+    return results
+
+
+def _device(choice: str) -> str:
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def head_main(argv):
+    ap = argparse.ArgumentParser(
+        prog="python -m fused_cel.demo head", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tokens", type=int, help="N (default: 8192 on GPU, 1024 on CPU)")
     ap.add_argument("--hidden", type=int, help="D (default: 4096 on GPU, 512 on CPU)")
     ap.add_argument("--vocab", type=int, help="V (default: 128256 on GPU, 16384 on CPU)")
@@ -78,8 +148,7 @@ def main(argv=None):
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     args = ap.parse_args(argv)
 
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
-    device = "cpu" if device == "auto" else device
+    device = _device(args.device)
     default = GPU_SHAPE if device == "cuda" else CPU_SHAPE
     shape = tuple(a or b for a, b in zip((args.tokens, args.hidden, args.vocab), default))
     dtype = DTYPES[args.dtype]
