@@ -82,10 +82,7 @@ def train(method, size, dtype, device, seq, batch, steps, lr, progress=True) -> 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        offsets = torch.randint(0, len(data) - seq, (batch,), generator=gen)
-        ids = (
-            torch.stack([data[o : o + seq] for o in offsets.tolist()]) if seq < len(data) else _repeat(data, batch, seq)
-        )
+        ids = _batch(data, batch, seq, gen)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -100,10 +97,12 @@ def train(method, size, dtype, device, seq, batch, steps, lr, progress=True) -> 
     return {"losses": losses, "tokens_per_s": batch * seq * (steps - warm) / elapsed, "peak_mib": peak}
 
 
-def _repeat(data, batch, seq):
-    """Sequences longer than the text: the text repeated (for memory and speed runs)."""
-    reps = -(-seq // len(data))
-    return data.repeat(reps)[:seq].expand(batch, seq).contiguous()
+def _batch(data, batch, seq, gen):
+    """batch random windows of seq tokens; the text repeated when seq exceeds it (speed runs)."""
+    if seq >= len(data):
+        data = data.repeat(seq // len(data) + 2)
+    offsets = torch.randint(0, len(data) - seq, (batch,), generator=gen).tolist()
+    return torch.stack([data[o : o + seq] for o in offsets])
 
 
 def _child(conn, method, kwargs):
@@ -113,6 +112,8 @@ def _child(conn, method, kwargs):
         result = {"oom": str(e).splitlines()[0]}
     except ImportError as e:
         result = {"unavailable": str(e)}
+    except Exception as e:  # reported by the parent, never a silent hang
+        result = {"error": f"{type(e).__name__}: {e}"}
     conn.send_bytes(pickle.dumps(result))
 
 
@@ -122,7 +123,11 @@ def run_isolated(method: str, **kwargs) -> dict:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_child, args=(child, method, kwargs))
     proc.start()
-    result = pickle.loads(parent.recv_bytes())
+    child.close()  # so that a child that dies without answering ends recv with EOFError
+    try:
+        result = pickle.loads(parent.recv_bytes())
+    except EOFError:
+        result = {"error": f"the {method} run died (exit code {proc.exitcode})"}
     proc.join()
     return result
 
