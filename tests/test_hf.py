@@ -148,6 +148,18 @@ def test_gradient_checkpointing():
     compare(stock, patched, input_ids=ids, labels=labels)
 
 
+def test_compiled_model_and_generate():
+    """torch.compile of the patched model trains as stock; generate after patching is stock's."""
+    stock = tiny_model("llama")
+    patched = fused_cel.patch(copy.deepcopy(stock))
+    ids, labels = batch()
+    compiled = [torch.compile(m, backend="aot_eager") for m in (stock, patched)]
+    compare(*compiled, input_ids=ids, labels=labels)
+    prompt = ids[:1, :4]
+    tokens = [m.eval().generate(prompt, max_new_tokens=5, do_sample=False) for m in (stock, patched)]
+    assert torch.equal(tokens[0], tokens[1])
+
+
 peft = pytest.importorskip("peft")
 
 
