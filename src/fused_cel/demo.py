@@ -15,8 +15,6 @@ Llama 3 8B's head (8192 tokens, D=4096, V=128256, bf16); on the CPU a scaled-dow
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import pickle
 import resource
 import sys
 import time
@@ -49,7 +47,7 @@ def measure_gpu(loss_fn, hidden, weight, labels, dtype):
     return ms, extra / 2**20, loss, dx, dw
 
 
-def _cpu_child(name, shape, dtype, conn):
+def _cpu_measure(name, shape, dtype):
     hidden, weight, labels = make_inputs(*shape, "cpu")
     x, w = hidden.to(dtype), weight.to(dtype)
     loss_fn = plain_loss if name == "plain" else fused_loss
@@ -60,19 +58,14 @@ def _cpu_child(name, shape, dtype, conn):
     ms = (time.perf_counter() - t0) * 1e3
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     extra = max(peak - before, 0) / 1024 - (dx.nbytes + dw.nbytes) / 2**20
-    # Plain pickle copies the tensors' bytes; Connection.send would share them through files
-    # that vanish when this process exits.
-    conn.send_bytes(pickle.dumps((ms, max(extra, 0.0), loss, dx, dw)))
+    return ms, max(extra, 0.0), loss, dx, dw
 
 
 def measure_cpu(name, shape, dtype):
     """CPU: each method in a fresh process, peak = growth of its resident set (coarser)."""
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    p = ctx.Process(target=_cpu_child, args=(name, shape, dtype, child))
-    p.start()
-    result = pickle.loads(parent.recv_bytes())
-    p.join()
+    result = train_demo.run_in_process(_cpu_measure, name, shape, dtype)
+    if isinstance(result, dict):
+        raise RuntimeError(f"the {name} measurement failed: {result}")
     return result
 
 

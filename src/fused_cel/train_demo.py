@@ -105,31 +105,41 @@ def _batch(data, batch, seq, gen):
     return torch.stack([data[o : o + seq] for o in offsets])
 
 
-def _child(conn, method, kwargs):
+def _child(conn, fn, args, kwargs):
     try:
-        result = train(method, **kwargs)
+        result = fn(*args, **kwargs)
     except torch.OutOfMemoryError as e:
         result = {"oom": str(e).splitlines()[0]}
     except ImportError as e:
         result = {"unavailable": str(e)}
     except Exception as e:  # reported by the parent, never a silent hang
         result = {"error": f"{type(e).__name__}: {e}"}
+    # Plain pickle copies tensors' bytes; Connection.send would share them through files that
+    # vanish when this process exits.
     conn.send_bytes(pickle.dumps(result))
 
 
-def run_isolated(method: str, **kwargs) -> dict:
-    """train() in a fresh spawned process; {"oom": ...} or {"unavailable": ...} when it cannot."""
+def run_in_process(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a fresh spawned process (fn at module level, result picklable).
+
+    A failure comes back as {"oom": ...}, {"unavailable": ...} or {"error": ...}.
+    """
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_child, args=(child, method, kwargs))
+    proc = ctx.Process(target=_child, args=(child, fn, args, kwargs))
     proc.start()
     child.close()  # so that a child that dies without answering ends recv with EOFError
     try:
         result = pickle.loads(parent.recv_bytes())
     except EOFError:
-        result = {"error": f"the {method} run died (exit code {proc.exitcode})"}
+        result = {"error": f"the {getattr(fn, '__name__', fn)} process died (exit code {proc.exitcode})"}
     proc.join()
     return result
+
+
+def run_isolated(method: str, **kwargs) -> dict:
+    """train() of one method in its own process (see run_in_process)."""
+    return run_in_process(train, method, **kwargs)
 
 
 def longest_sequence(method: str, start: int, limit: int, **kwargs) -> int:
