@@ -15,6 +15,16 @@ _DEFAULTS = {
 }
 
 
+def check_keyword_options(options: dict) -> None:
+    """Every keyword option of linear_cross_entropy in ``options`` is known and valid."""
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; valid: {sorted(_DEFAULTS)}")
+    merged = {**_DEFAULTS, **options}
+    check_num_items(merged.pop("num_items"), merged["reduction"])
+    check_options(**merged)
+
+
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
     """``FusedLinearCrossEntropyLoss(**options)(hidden, weight, labels, bias=None)``.
 
@@ -24,12 +34,7 @@ class FusedLinearCrossEntropyLoss(torch.nn.Module):
 
     def __init__(self, **options) -> None:
         super().__init__()
-        unknown = sorted(set(options) - set(_DEFAULTS))
-        if unknown:
-            raise TypeError(f"unknown option(s) {unknown}; valid: {sorted(_DEFAULTS)}")
-        merged = {**_DEFAULTS, **options}
-        check_num_items(merged.pop("num_items"), merged["reduction"])
-        check_options(**merged)
+        check_keyword_options(options)
         self.options = dict(options)
 
     def forward(self, hidden, weight, labels, bias=None, *, num_items=None) -> torch.Tensor:

@@ -25,8 +25,8 @@ import inspect
 
 import torch
 
-from ..functional import check_options, linear_cross_entropy
-from ..module import _DEFAULTS
+from ..functional import linear_cross_entropy
+from ..module import check_keyword_options
 from ..torch_impl import transform
 
 _ATTR = "_fused_cel_patch"
@@ -63,10 +63,7 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, verify: bool =
     if per_call:
         raise TypeError(f"{sorted(per_call)} come from each forward call (labels, shift_labels, num_items_in_batch)")
     options = {**_model_logit_options(model), **loss_options}
-    unknown = set(options) - set(_DEFAULTS)
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; valid: {sorted(_DEFAULTS)}")
-    check_options(**{k: v for k, v in {**_DEFAULTS, **options}.items() if k != "num_items"})
+    check_keyword_options(options)
 
     state = _PatchState(options=options, return_logits=return_logits, head=head, stock_forward=model.forward)
     _replace(state, head, "forward", _head_forward(state, head.forward))
@@ -152,7 +149,6 @@ def _head_forward(state, stock_forward):
         head = state.head
         shift_labels = armed["shift_labels"]
         target = armed["labels"] if shift_labels is None else shift_labels
-        num_items = armed["num_items"]
         state.loss = linear_cross_entropy(
             hidden_states,
             head.weight,
@@ -161,7 +157,7 @@ def _head_forward(state, stock_forward):
             **state.options,
             ignore_index=armed["ignore_index"],
             shift=shift_labels is None,
-            num_items=num_items,
+            num_items=armed["num_items"],
         )
         if state.return_logits:
             return stock_forward(hidden_states)
