@@ -190,15 +190,32 @@ NUM_ITEMS_CASES = [
     (dict(num_items=torch.tensor([])), ValueError, r"num_items must be a one-element tensor, got shape \(0,\)"),
     (dict(ignore_index=2**70), ValueError, r"ignore_index must fit in int64, got 1180591620717411303424"),
 ]
+PARALLEL_CASES = [
+    (
+        dict(process_group="world"),
+        TypeError,
+        r"process_group must be a torch.distributed ProcessGroup or None, got str",
+    ),
+    (
+        dict(vocab_start=0),
+        ValueError,
+        r"vocab_start, vocab_size and reduce_hidden_grad apply only with a process_group",
+    ),
+    (dict(vocab_size=V), ValueError, r"apply only with a process_group"),
+    (dict(reduce_hidden_grad=False), ValueError, r"apply only with a process_group"),
+    (dict(vocab_start=1.0), TypeError, r"vocab_start must be an int or None, got float"),
+    (dict(vocab_size=True), TypeError, r"vocab_size must be an int or None, got bool"),
+    (dict(reduce_hidden_grad=1), TypeError, r"reduce_hidden_grad must be a bool, got int"),
+]
 
 
-@pytest.mark.parametrize("kwargs, exc, match", OPTION_CASES + NUM_ITEMS_CASES, ids=str)
+@pytest.mark.parametrize("kwargs, exc, match", OPTION_CASES + NUM_ITEMS_CASES + PARALLEL_CASES, ids=str)
 def test_bad_options(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         linear_cross_entropy(*make_inputs(), **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, exc, match", OPTION_CASES + NUM_ITEMS_CASES, ids=str)
+@pytest.mark.parametrize("kwargs, exc, match", OPTION_CASES + NUM_ITEMS_CASES + PARALLEL_CASES, ids=str)
 def test_module_bad_option_fails_at_construction(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         FusedLinearCrossEntropyLoss(**kwargs)
@@ -284,3 +301,14 @@ def test_mismatched_devices(which):
     tensors[which] = tensors[which].cpu()
     with pytest.raises(ValueError, match=rf"all tensors must be on one device, got .*{which}: cpu"):
         linear_cross_entropy(**tensors)
+
+
+def test_process_group_without_init():
+    """A group object but no initialised default group: a clear error, before any collective."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)  # no backend: never used, the check comes first
+    with pytest.raises(RuntimeError, match=r"process_group needs torch.distributed to be initialised"):
+        linear_cross_entropy(*make_inputs(), process_group=group)

@@ -32,7 +32,7 @@ import dataclasses
 
 import torch
 
-from . import torch_impl
+from . import parallel, torch_impl
 
 try:
     from . import kernels
@@ -117,12 +117,15 @@ def run_chunks(
     dx: torch.Tensor | None = None,
     dw: torch.Tensor | None = None,
     db: torch.Tensor | None = None,
+    shard: parallel.Shard | None = None,
 ) -> None:
     """The chunk loop. x [N, D], w [V, D], b [V] are in the compute dtype; targets [N].
 
     ``loss`` given: compute per-token loss and lse (pass 1); else read lse. Any of dx [N, D],
     dw [V, D], db [V] (all fp32) given: write the gradient (scaled per token by grad_scale, one
     element or N) and fold it into them. dx, dw and db are overwritten, not added to.
+    ``shard``: w and b are this rank's rows of a vocabulary split over a process group
+    (fused_cel.parallel); dx is then this shard's part, summed over the group by the caller.
     """
     N, V = x.shape[0], w.shape[0]
     write_grad = dx is not None or dw is not None or db is not None
@@ -131,7 +134,12 @@ def run_chunks(
             if t is not None:
                 t.zero_()
         return
-    chunk = opts.chunk_size or auto_chunk_size(N, V, x.shape[1], x.device, opts.backend, dw is not None)
+    if shard is None:
+        chunk = opts.chunk_size or auto_chunk_size(N, V, x.shape[1], x.device, opts.backend, dw is not None)
+    else:  # every rank must cut the same chunks: plan from what all ranks share
+        plan_v = -(-shard.total // shard.world)
+        chunk = opts.chunk_size or auto_chunk_size(N, plan_v, x.shape[1], x.device, opts.backend, False)
+        stats = torch.empty((min(chunk, N), 4), dtype=torch.float32, device=x.device) if loss is not None else None
     ce_chunk = kernels.ce_chunk if opts.backend == "triton" else torch_impl.ce_chunk
     per_token_scale = grad_scale is not None and grad_scale.numel() != 1
     # A V that is not a multiple of 64 (GPT-2's 50257) pushes cuBLAS off its fast kernels: the
@@ -155,21 +163,29 @@ def run_chunks(
             torch.mm(xc, w_mm.t(), out=logits_mm)
         else:
             torch.addmm(b_mm, xc, w_mm.t(), out=logits_mm)
-        ce_chunk(
-            logits,
-            targets[start:end],
-            None if loss is None else loss[start:end],
-            lse[start:end],
-            grad_scale[start:end] if per_token_scale else grad_scale,
-            tg,
-            compute_lse=loss is not None,
-            write_grad=write_grad,
-            **opts.ce_kwargs(),
-        )
+        chunk_loss = None if loss is None else loss[start:end]
+        chunk_scale = grad_scale[start:end] if per_token_scale else grad_scale
+        if shard is None:
+            ce_chunk(
+                logits,
+                targets[start:end],
+                chunk_loss,
+                lse[start:end],
+                chunk_scale,
+                tg,
+                compute_lse=loss is not None,
+                write_grad=write_grad,
+                **opts.ce_kwargs(),
+            )
+        else:
+            _shard_chunk(
+                ce_chunk, logits, targets[start:end], chunk_loss, lse[start:end], chunk_scale, tg, stats, opts, shard
+            )
         if not write_grad:
             continue
-        # The target entries: token t's gradient at its target y_t is tg_t (0 where ignored).
-        y = targets[start:end].clamp(0, V - 1)
+        # The target entries: token t's gradient at its target y_t is tg_t (0 where ignored, or
+        # where y_t is on another shard).
+        y = (targets[start:end] - (0 if shard is None else shard.start)).clamp(0, V - 1)
         if dx is not None:
             _mm(logits_mm, w_mm, out=dx[start:end])
             dx[start:end].addcmul_(tg[:, None], w[y])
@@ -179,6 +195,17 @@ def run_chunks(
         if db is not None:
             db.add_(logits.sum(0, dtype=torch.float32))
             db.index_put_((y,), tg, accumulate=True)
+
+
+def _shard_chunk(ce_chunk, logits, targets, loss, lse, grad_scale, target_grad, stats, opts, shard) -> None:
+    """One chunk of a vocabulary shard: partial statistics, combined over the group, then the gradient."""
+    kw = dict(vocab_start=shard.start, vocab_total=shard.total, **opts.ce_kwargs())
+    if loss is not None:
+        rows_stats = stats[: logits.shape[0]]
+        ce_chunk(logits, targets, None, lse, None, None, compute_lse=True, write_grad=False, stats=rows_stats, **kw)
+        parallel.combine(rows_stats, targets, loss, lse, shard, opts)
+    if target_grad is not None:
+        ce_chunk(logits, targets, None, lse, grad_scale, target_grad, compute_lse=False, write_grad=True, **kw)
 
 
 def _cast_into(src: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -195,7 +222,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd glue. Inputs are flattened: hidden [N, D], labels (targets, shift applied) [N]."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, divisor, opts: Options, compute_dtype):
+    def forward(ctx, hidden, weight, bias, targets, divisor, opts: Options, compute_dtype, shard=None):
         x, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -203,11 +230,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=x.device)
         loss = torch.empty(N, **f32)
         lse = torch.empty(N, **f32)
-        ctx.opts, ctx.compute_dtype = opts, compute_dtype
+        ctx.opts, ctx.compute_dtype, ctx.shard = opts, compute_dtype, shard
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
 
         if opts.reduction == "none":
-            run_chunks(x, w, b, targets, opts, loss=loss, lse=lse)
+            run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, shard=shard)
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
             return loss
 
@@ -217,7 +244,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         dx = torch.empty(x.shape, **f32) if need_dx else None
         dw = torch.empty(w.shape, **f32) if need_dw else None
         db = torch.empty(V, **f32) if need_db else None
-        run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=ones, dx=dx, dw=dw, db=db)
+        run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=ones, dx=dx, dw=dw, db=db, shard=shard)
+        parallel.reduce_hidden_grad(dx, shard)
         ctx.grads, ctx.divisor = (dx, dw, db), divisor
         return _reduce(loss, opts.reduction, divisor)
 
@@ -235,7 +263,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             scale = grad_out if ctx.divisor is None else grad_out / ctx.divisor
             grads = tuple(None if g is None else _cast_into(g, scale, dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
             ctx.grads = None
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _backward_recompute(ctx, grad_out):
@@ -250,16 +278,17 @@ def _backward_recompute(ctx, grad_out):
     dw = torch.empty(w.shape, **f32) if need_dw else None
     db = torch.empty(w.shape[0], **f32) if need_db else None
     scale = grad_out.reshape(-1).float().contiguous()
-    run_chunks(x, w, b, targets, ctx.opts, loss=None, lse=lse, grad_scale=scale, dx=dx, dw=dw, db=db)
+    run_chunks(x, w, b, targets, ctx.opts, loss=None, lse=lse, grad_scale=scale, dx=dx, dw=dw, db=db, shard=ctx.shard)
+    parallel.reduce_hidden_grad(dx, ctx.shard)
     return tuple(None if g is None else _cast_into(g, None, dtype) for g, dtype in zip((dx, dw, db), ctx.dtypes))
 
 
-def loss_only(x, w, b, targets, divisor, opts: Options) -> torch.Tensor:
+def loss_only(x, w, b, targets, divisor, opts: Options, shard=None) -> torch.Tensor:
     """No-grad fast path: one pass over each chunk, no gradient buffers."""
     N = x.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
     loss, lse = torch.empty(N, **f32), torch.empty(N, **f32)
-    run_chunks(x, w, b, targets, opts, loss=loss, lse=lse)
+    run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, shard=shard)
     return _reduce(loss, opts.reduction, divisor)
 
 

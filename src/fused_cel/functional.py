@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from . import autograd
+from . import autograd, parallel
 from .autograd import LinearCrossEntropyFunction, Options
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -35,6 +35,10 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     check_labels: bool = True,
     backend: str = "auto",
+    process_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    reduce_hidden_grad: bool = True,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, without the logits.
 
@@ -59,6 +63,20 @@ def linear_cross_entropy(
             host synchronisation per call; with False such a label gives a NaN loss instead.
         backend: "triton" (the fused kernel; CUDA, or CPU under TRITON_INTERPRET=1), "torch"
             (the pure-PyTorch path) or "auto" (Triton where it can run).
+        process_group: vocabulary parallelism (tensor-parallel LM head). ``weight`` (and
+            ``bias``) are then this rank's rows of the head, and every rank of the group passes
+            the same hidden, the same global label ids and the same options. Per chunk, the
+            ranks all-reduce per-token scalars only (max, sum of exp, target logit, sum of
+            logits), never logits; the loss (the whole vocabulary's) is the same on every rank.
+            Gradients of weight and bias stay local to the shard. See fused_cel.parallel.
+        vocab_start: global id of this rank's first row; default: the rows of the lower ranks
+            (shards in rank order, uneven sizes allowed).
+        vocab_size: the whole vocabulary; default: the sum of all ranks' rows. Deriving either
+            default costs one small all-gather (and a host sync) per call; pass both to skip it.
+        reduce_hidden_grad: with process_group, hidden's gradient is by default the full one,
+            summed over the group inside autograd (one all-reduce of N x D in fp32). False leaves
+            each rank's partial gradient, for frameworks that all-reduce it themselves
+            (Megatron's "copy to tensor-parallel region" does).
 
     Returns:
         The float32 loss: a scalar, or per token for reduction="none". Every label ignored gives
@@ -89,6 +107,13 @@ def linear_cross_entropy(
     compute_dtype = _compute_dtype(hidden, weight, bias)
     V, D = weight.shape
     x = hidden.reshape(-1, D)
+    check_parallel_options(process_group, vocab_start, vocab_size, reduce_hidden_grad)
+    shard = None
+    if process_group is not None:
+        shard = parallel.make_shard(
+            process_group, V, x.shape[0], hidden.device, vocab_start, vocab_size, reduce_hidden_grad
+        )
+        V = shard.total
     targets = labels
     if shift:  # a shifted copy of the int labels only: hidden and logits are never copied
         targets = torch.full_like(labels, ignore_index)
@@ -100,10 +125,10 @@ def linear_cross_entropy(
 
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
-        loss = LinearCrossEntropyFunction.apply(x, weight, bias, targets, divisor, opts, compute_dtype)
+        loss = LinearCrossEntropyFunction.apply(x, weight, bias, targets, divisor, opts, compute_dtype, shard)
     else:
         b = None if bias is None else bias.to(compute_dtype)
-        loss = autograd.loss_only(x.to(compute_dtype), weight.to(compute_dtype), b, targets, divisor, opts)
+        loss = autograd.loss_only(x.to(compute_dtype), weight.to(compute_dtype), b, targets, divisor, opts, shard)
     if reduction == "none":
         loss = loss.view(labels.shape)
         if shift:
@@ -197,6 +222,24 @@ def check_options(
         logit_scale=logit_scale,
         chunk_size=chunk_size,
     )
+
+
+def check_parallel_options(process_group, vocab_start, vocab_size, reduce_hidden_grad) -> None:
+    """Types of the vocab-parallel options; they apply only with a process group."""
+    if process_group is not None:
+        if not torch.distributed.is_available():
+            raise RuntimeError("process_group needs torch.distributed, which this PyTorch build does not have")
+        if not isinstance(process_group, torch.distributed.ProcessGroup):
+            raise TypeError(
+                f"process_group must be a torch.distributed ProcessGroup or None, got {type(process_group).__name__}"
+            )
+    for name, value in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if not isinstance(reduce_hidden_grad, bool):
+        raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}")
+    if process_group is None and (vocab_start is not None or vocab_size is not None or not reduce_hidden_grad):
+        raise ValueError("vocab_start, vocab_size and reduce_hidden_grad apply only with a process_group")
 
 
 def triton_available(device: torch.device) -> bool:

@@ -24,6 +24,10 @@ so that dlogits = dense + target * onehot(y). The caller folds the target part i
 db in fp32: the target entries are the gradient's largest, and rounding them to bf16 (as plain
 PyTorch does) puts a systematic error into every gradient. p_y - 1 is formed first, in fp32
 (exactly, for p_y >= 1/2), so a confident token loses nothing to cancellation.
+A vocabulary shard (fused_cel.parallel): the row holds global ids vocab_start .. + V - 1 of
+vocab_total. Pass 1 then writes only the shard's partial statistics (SHARD_STATS), which the
+ranks combine into lse; pass 2 runs with that lse, and a target on another shard has no column
+here (target gradient 0, every column dense).
 Ignored tokens get loss 0 and gradient 0. A label outside [0, V) that is not ignore_index gets a
 NaN loss (never an out-of-bounds read); the public API rejects such labels before this point.
 """
@@ -65,7 +69,10 @@ def _ce_chunk_kernel(
     scale_ptr,  # *fp32: each token's gradient multiplier (1/divisor, or backward's grad_output)
     scale_stride,  # 0: one multiplier for all tokens, 1: one per token
     target_grad_ptr,  # *fp32 [rows]: out, each token's gradient at its target (if WRITE_GRAD)
-    V,  # vocabulary size (columns of logits)
+    stats_ptr,  # *fp32 [rows, 4]: out, this shard's (max, log-sum-exp - max, sum, target logit) if SHARD_STATS
+    V,  # columns of logits: the vocabulary, or this shard of it
+    vocab_start,  # global id of column 0 (0 unless the vocabulary is sharded)
+    vocab_total,  # size of the whole vocabulary (V unless sharded)
     ignore_index,  # target id that marks a token as not counted
     label_smoothing,  # eps in [0, 1]
     z_loss,  # c: coefficient of lse**2
@@ -73,6 +80,7 @@ def _ce_chunk_kernel(
     logit_scale,  # multiplier applied to logits before the softcap
     HAS_SOFTCAP: tl.constexpr,  # apply softcap * tanh(u / softcap)
     COMPUTE_LSE: tl.constexpr,  # run pass 1 (loss and lse); otherwise read lse
+    SHARD_STATS: tl.constexpr,  # pass 1 writes the shard's partial statistics, not loss and lse
     WRITE_GRAD: tl.constexpr,  # run pass 2 (gradient in place)
     BLOCK_V: tl.constexpr,  # vocabulary columns per step, a power of two
     ROUND_BF16: tl.constexpr,  # round the bf16 gradient by bits (the CPU interpreter)
@@ -81,10 +89,12 @@ def _ce_chunk_kernel(
     row_ptr = logits_ptr + row * logits_stride
     target = tl.load(targets_ptr + row).to(tl.int64)
     ignored = target == ignore_index
-    valid = (target >= 0) & (target < V)
+    valid = (target >= 0) & (target < vocab_total)
+    local = target - vocab_start  # the target's column, if this shard holds it
+    here = (local >= 0) & (local < V)
 
     # The target's logit, read before pass 2 overwrites the row.
-    z_y = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
+    z_y = tl.load(row_ptr + tl.where(here, local, 0)).to(tl.float32)
     u_y = _transform(z_y, logit_scale, softcap, HAS_SOFTCAP)
     if COMPUTE_LSE:
         m = tl.full((), float("-inf"), tl.float32)
@@ -101,14 +111,20 @@ def _ce_chunk_kernel(
             m = m_new
         # lse = m + log_s, kept apart: (m - u_y) + log_s loses nothing when u_y is the max.
         log_s = tl.log(s)
-        lse = m + log_s
-        loss = (1.0 - label_smoothing) * ((m - u_y) + log_s)
-        loss += label_smoothing * ((m - u_sum / V) + log_s)
-        loss += z_loss * lse * lse
-        loss = tl.where(valid, loss, float("nan"))
-        loss = tl.where(ignored, 0.0, loss)
-        tl.store(loss_ptr + row, loss)
-        tl.store(lse_ptr + row, lse)
+        if SHARD_STATS:  # combined across the shards by fused_cel.parallel
+            tl.store(stats_ptr + row * 4, m)
+            tl.store(stats_ptr + row * 4 + 1, log_s)
+            tl.store(stats_ptr + row * 4 + 2, u_sum)
+            tl.store(stats_ptr + row * 4 + 3, tl.where(here, u_y, 0.0))
+        else:
+            lse = m + log_s
+            loss = (1.0 - label_smoothing) * ((m - u_y) + log_s)
+            loss += label_smoothing * ((m - u_sum / vocab_total) + log_s)
+            loss += z_loss * lse * lse
+            loss = tl.where(valid, loss, float("nan"))
+            loss = tl.where(ignored, 0.0, loss)
+            tl.store(loss_ptr + row, loss)
+            tl.store(lse_ptr + row, lse)
     else:
         lse = tl.load(lse_ptr + row)
         m, log_s = lse, 0.0
@@ -118,18 +134,19 @@ def _ce_chunk_kernel(
         coef = tl.where(valid & (target != ignore_index), coef, 0.0)
         p_coef = 1.0 + 2.0 * z_loss * lse
         p_y = tl.exp((u_y - m) - log_s)
-        g_y = (1.0 - label_smoothing) * (p_y - 1.0) + label_smoothing * (p_y - 1.0 / V) + 2.0 * z_loss * lse * p_y
+        g_y = (1.0 - label_smoothing) * (p_y - 1.0) + label_smoothing * (p_y - 1.0 / vocab_total)
+        g_y += 2.0 * z_loss * lse * p_y
         if HAS_SOFTCAP:
             t_y = u_y / softcap
             g_y = g_y * (1.0 - t_y * t_y)
-        tl.store(target_grad_ptr + row, g_y * coef)
+        tl.store(target_grad_ptr + row, tl.where(here, g_y * coef, 0.0))
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
             z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             u = _transform(z, logit_scale, softcap, HAS_SOFTCAP)
-            d = tl.exp((u - m) - log_s) * p_coef - label_smoothing / V
-            d = tl.where(cols == target, 0.0, d)
+            d = tl.exp((u - m) - log_s) * p_coef - label_smoothing / vocab_total
+            d = tl.where(cols == local, 0.0, d)
             if HAS_SOFTCAP:
                 t = u / softcap
                 d = d * (1.0 - t * t)
@@ -154,6 +171,9 @@ def ce_chunk(
     logit_scale: float,
     compute_lse: bool,
     write_grad: bool,
+    vocab_start: int = 0,
+    vocab_total: int | None = None,
+    stats: torch.Tensor | None = None,
 ) -> None:
     """Cross-entropy of one chunk of logits, through the Triton kernel.
 
@@ -162,6 +182,12 @@ def ce_chunk(
     ``grad_scale`` is an fp32 tensor of one element (all tokens) or ``rows`` elements (per token).
     ``target_grad`` ([rows], fp32) receives the gradient at each target if ``write_grad``:
     d(loss)/d(logits) = (the chunk as written) + target_grad[:, None] * onehot(targets).
+
+    A vocabulary shard: the columns are global ids vocab_start .. vocab_start + V - 1 of a
+    vocabulary of vocab_total; target_grad is 0 for a token whose target is on another shard.
+    With ``stats`` ([rows, 4] fp32) given, pass 1 writes the shard's partial statistics there,
+    (max, log-sum-exp - max, sum, target logit or 0) of the transformed logits, instead of loss
+    and lse; fused_cel.parallel combines them across the shards.
     """
     rows, V = logits.shape
     if rows == 0:
@@ -180,7 +206,10 @@ def ce_chunk(
         grad_scale,
         scale_stride,
         target_grad,
+        stats if stats is not None else lse,
         V,
+        vocab_start,
+        V if vocab_total is None else vocab_total,
         ignore_index,
         label_smoothing,
         z_loss,
@@ -188,6 +217,7 @@ def ce_chunk(
         logit_scale,
         HAS_SOFTCAP=softcap is not None,
         COMPUTE_LSE=compute_lse,
+        SHARD_STATS=stats is not None,
         WRITE_GRAD=write_grad,
         BLOCK_V=block_v,
         ROUND_BF16=logits.device.type == "cpu" and logits.dtype == torch.bfloat16,

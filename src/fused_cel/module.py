@@ -6,7 +6,7 @@ import inspect
 
 import torch
 
-from .functional import check_num_items, check_options, linear_cross_entropy
+from .functional import check_num_items, check_options, check_parallel_options, linear_cross_entropy
 
 _DEFAULTS = {
     name: p.default
@@ -22,6 +22,9 @@ def check_keyword_options(options: dict) -> None:
         raise TypeError(f"unknown option(s) {unknown}; valid: {sorted(_DEFAULTS)}")
     merged = {**_DEFAULTS, **options}
     check_num_items(merged.pop("num_items"), merged["reduction"])
+    check_parallel_options(
+        *(merged.pop(k) for k in ("process_group", "vocab_start", "vocab_size", "reduce_hidden_grad"))
+    )
     check_options(**merged)
 
 

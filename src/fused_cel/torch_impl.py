@@ -33,36 +33,51 @@ def ce_chunk(
     logit_scale: float,
     compute_lse: bool,
     write_grad: bool,
+    vocab_start: int = 0,
+    vocab_total: int | None = None,
+    stats: torch.Tensor | None = None,
 ) -> None:
     """See fused_cel.kernels.ce_chunk: identical arguments and effects."""
     rows, V = logits.shape
     if rows == 0:
         return
+    vocab_total = V if vocab_total is None else vocab_total
     u = transform(logits.float(), logit_scale, softcap)
     targets = targets.long()
     ignored = targets == ignore_index
-    valid = (targets >= 0) & (targets < V)
-    safe = torch.where(valid, targets, 0)
+    valid = (targets >= 0) & (targets < vocab_total)
+    local = targets - vocab_start  # the target's column, if this shard holds it
+    here = (local >= 0) & (local < V)
+    safe = torch.where(here, local, 0)
+    u_y = torch.where(here, u.gather(1, safe[:, None]).squeeze(1), 0.0)
 
     if compute_lse:
-        # log_softmax forms (u - max) - log(sum): no cancellation for the likeliest classes.
-        log_p = torch.log_softmax(u, dim=-1)
-        lse.copy_(torch.logsumexp(u, dim=-1))
-        per_token = (1.0 - label_smoothing) * -log_p.gather(1, safe[:, None]).squeeze(1)
-        per_token = per_token - label_smoothing * log_p.mean(dim=-1)
-        per_token = per_token + z_loss * lse * lse
-        per_token = torch.where(valid, per_token, float("nan"))
-        loss.copy_(torch.where(ignored, 0.0, per_token))
+        m = u.max(dim=-1).values
+        log_s = torch.log(torch.exp(u - m[:, None]).sum(dim=-1))
+        if stats is not None:  # this shard's partial statistics, combined by fused_cel.parallel
+            stats.copy_(torch.stack([m, log_s, u.sum(dim=-1), u_y], dim=1))
+        else:
+            # (m - u_y) + log_s, as log_softmax forms it: no cancellation for the likeliest class.
+            lse.copy_(m + log_s)
+            per_token = (1.0 - label_smoothing) * ((m - u_y) + log_s)
+            per_token = per_token + label_smoothing * ((m - u.sum(dim=-1) / vocab_total) + log_s)
+            per_token = per_token + z_loss * lse * lse
+            per_token = torch.where(valid, per_token, float("nan"))
+            loss.copy_(torch.where(ignored, 0.0, per_token))
 
     if write_grad:
         # dlogits = d + target_grad * onehot(targets): the target entry stays in fp32 (kernels.py).
         coef = torch.where(ignored | ~valid, 0.0, grad_scale.float().expand(rows)) * logit_scale
-        p = torch.exp(log_p) if compute_lse else torch.exp(u - lse[:, None])
-        d = p * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / V
+        # p = exp((u - m) - log_s) with pass 1's m and log_s, as the kernel: else from lse.
+        m, log_s = (m, log_s) if compute_lse else (lse, torch.zeros_like(lse))
+        p = torch.exp((u - m[:, None]) - log_s[:, None])
+        d = p * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / vocab_total
         du_dz = 1.0 - (u / softcap) ** 2 if softcap is not None else torch.ones_like(u)
         d *= du_dz * coef[:, None]
-        p_y = p.gather(1, safe[:, None]).squeeze(1)
-        g_y = (1.0 - label_smoothing) * (p_y - 1.0) + label_smoothing * (p_y - 1.0 / V) + 2.0 * z_loss * lse * p_y
-        target_grad.copy_(g_y * du_dz.gather(1, safe[:, None]).squeeze(1) * coef)
-        d.scatter_(1, safe[:, None], 0.0)
+        p_y = torch.exp((u_y - m) - log_s)
+        g_y = (1.0 - label_smoothing) * (p_y - 1.0) + label_smoothing * (p_y - 1.0 / vocab_total)
+        g_y = g_y + 2.0 * z_loss * lse * p_y
+        du_dz_y = du_dz.gather(1, safe[:, None]).squeeze(1)
+        target_grad.copy_(torch.where(here, g_y * du_dz_y * coef, 0.0))
+        d.scatter_(1, safe[:, None], torch.where(here, 0.0, d.gather(1, safe[:, None]).squeeze(1))[:, None])
         logits.copy_(d)

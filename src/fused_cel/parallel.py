@@ -1,0 +1,91 @@
+"""Vocabulary parallelism: each rank of a process group holds a shard of the LM head's rows.
+
+Rank r holds W_r, rows vocab_start_r .. vocab_start_r + V_r - 1 of the whole [V, D] head (uneven
+shards allowed), and the same tokens and global label ids as every other rank. Per chunk, each
+rank computes its logits X_c @ W_r.T and, per token, four numbers over its own columns (kernels:
+SHARD_STATS): the max m_r, log s_r = log sum exp(u - m_r), the sum of u, and the target's logit
+if the target is in the shard (else 0). Two all-reduces of these per-token scalars (a max, then
+one sum of three) give every rank the same log-sum-exp and loss:
+
+    m = max_r m_r,   s = sum_r exp(log s_r + m_r - m),   lse = m + log s,
+    loss = (1 - eps) ((m - u_y) + log s) + eps ((m - sum u / V) + log s) + c lse**2.
+
+Logits never cross ranks. The gradient pass then runs per shard with the global lse: dW_r and
+db_r stay local, and dX_r = dlogits_r @ W_r is this shard's part of dX, summed over the group
+(one all-reduce of N x D fp32 per call) unless the caller reduces it itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Where this rank's rows sit in the vocabulary, and the group that holds the rest."""
+
+    group: object  # a torch.distributed ProcessGroup
+    world: int  # ranks in the group
+    start: int  # global id of this rank's first row
+    total: int  # size of the whole vocabulary
+    reduce_hidden_grad: bool  # sum dX over the group inside autograd
+
+
+def make_shard(
+    group, local_vocab: int, n_tokens: int, device: torch.device, vocab_start, vocab_size, reduce_hidden_grad
+) -> Shard:
+    """The shard's place in the vocabulary; vocab_start / vocab_size derived when not given.
+
+    The arguments' types are checked by fused_cel.functional.check_parallel_options.
+    Deriving them all-gathers each rank's (rows, tokens) once per call (a host sync), which also
+    checks that every rank passes the same number of tokens. Pass both to skip it.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("process_group needs torch.distributed to be initialised (dist.init_process_group)")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if vocab_start is None or vocab_size is None:
+        mine = torch.tensor([local_vocab, n_tokens], dtype=torch.int64, device=device)
+        table = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(table, mine, group=group)
+        rows, tokens = zip(*(t.tolist() for t in table))
+        if len(set(tokens)) > 1:
+            raise ValueError(f"vocab-parallel: every rank must pass the same tokens; tokens per rank: {list(tokens)}")
+        vocab_start = sum(rows[:rank]) if vocab_start is None else vocab_start
+        vocab_size = sum(rows) if vocab_size is None else vocab_size
+    if not (0 <= vocab_start and vocab_start + local_vocab <= vocab_size):
+        raise ValueError(
+            f"vocab-parallel: this rank's rows [{vocab_start}, {vocab_start + local_vocab}) must lie in the "
+            f"vocabulary [0, {vocab_size})"
+        )
+    return Shard(group, world, int(vocab_start), int(vocab_size), reduce_hidden_grad)
+
+
+def combine(stats: torch.Tensor, targets: torch.Tensor, loss, lse, shard: Shard, opts) -> None:
+    """Per-shard statistics [rows, 4] -> the loss and lse of every token (the same on all ranks).
+
+    stats holds (m_r, log s_r, sum of u, target logit or 0) per token.
+    """
+    m_r = stats[:, 0]
+    m = m_r.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=shard.group)
+    # s_r exp(m_r - m) is in [0, V_r]: its sum over ranks cannot overflow fp32.
+    sums = stats[:, 1:].clone(memory_format=torch.contiguous_format)
+    sums[:, 0] = torch.exp(stats[:, 1] + (m_r - m))
+    dist.all_reduce(sums, group=shard.group)
+    log_s, u_sum, u_y = torch.log(sums[:, 0]), sums[:, 1], sums[:, 2]
+    lse.copy_(m + log_s)
+    eps = opts.label_smoothing
+    per_token = (1.0 - eps) * ((m - u_y) + log_s) + eps * ((m - u_sum / shard.total) + log_s)
+    per_token = per_token + opts.z_loss * lse * lse
+    targets = targets.long()
+    valid = (targets >= 0) & (targets < shard.total)
+    per_token = torch.where(valid, per_token, float("nan"))
+    loss.copy_(torch.where(targets == opts.ignore_index, 0.0, per_token))
+
+
+def reduce_hidden_grad(dx: torch.Tensor | None, shard: Shard | None) -> None:
+    """Sum this shard's part of dX over the group, in place (fp32), unless the caller does."""
+    if dx is not None and shard is not None and shard.reduce_hidden_grad:
+        dist.all_reduce(dx, group=shard.group)
