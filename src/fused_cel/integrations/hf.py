@@ -39,6 +39,8 @@ class _PatchState:
     head: torch.nn.Module
     stock_forward: object  # the model's forward before the patch
     saved: dict = dataclasses.field(default_factory=dict)  # replaced attributes: (obj, name) -> old
+    installed: dict = dataclasses.field(default_factory=dict)  # (obj, name) -> our wrapper
+    active: bool = True  # False after unpatch: a wrapper still called from elsewhere passes through
     armed: dict | None = None  # this call's labels etc., set by the model forward wrapper
     loss: torch.Tensor | None = None  # the fused loss, from the head to loss_function
     placeholder: torch.Tensor | None = None
@@ -86,10 +88,13 @@ def unpatch(model: torch.nn.Module):
     if state is None:
         raise RuntimeError("this model is not patched by fused_cel")
     for (obj, name), value in state.saved.items():
+        if obj.__dict__.get(name) is not state.installed[obj, name]:
+            continue  # replaced again after the patch (TRL's SFTTrainer sets its own forward): left as is
         if value is _MISSING:
             delattr(obj, name)
         else:
             setattr(obj, name, value)
+    state.active = False
     delattr(model, _ATTR)
     return outer
 
@@ -135,7 +140,8 @@ def _model_logit_options(model) -> dict:
 
 
 def _replace(state, obj, name, value):
-    state.saved[(obj, name)] = obj.__dict__.get(name, _MISSING)
+    state.saved[obj, name] = obj.__dict__.get(name, _MISSING)
+    state.installed[obj, name] = value
     setattr(obj, name, value)
 
 
@@ -174,7 +180,7 @@ def _model_forward(state, model):
     def forward(*args, **kwargs):
         labels = signature.bind_partial(*args, **kwargs).arguments.get("labels")
         shift_labels = kwargs.get("shift_labels")
-        if (labels is None and shift_labels is None) or not model.training:
+        if (labels is None and shift_labels is None) or not model.training or not state.active:
             return stock_forward(*args, **kwargs)
         state.armed = {
             "labels": labels,
