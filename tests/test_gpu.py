@@ -81,3 +81,43 @@ def test_no_host_sync():
             linear_cross_entropy(x, w, labels, check_labels=False, **kwargs).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("D,V", [(4096, 128256), (2304, 256000)], ids=["llama3", "gemma2"])
+def test_low_memory_plan_stays_in_budget(D, V):
+    """memory_budget_mib=64 at Llama 3's and Gemma 2's heads: at most 64 MiB beyond inputs and
+    gradients (measured after a warm-up call, so cuBLAS's workspace is not counted)."""
+    N, budget = 8192, 64
+    hidden, weight, _, labels = make_inputs((N,), D, V)
+    x = hidden.bfloat16().requires_grad_()
+    w = weight.bfloat16().requires_grad_()
+    linear_cross_entropy(x, w, labels, memory_budget_mib=budget).backward()
+    x.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    linear_cross_entropy(x, w, labels, memory_budget_mib=budget).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - x.grad.nbytes - w.grad.nbytes
+    assert extra <= budget * 2**20, extra / 2**20
+
+
+@pytest.mark.parametrize(
+    "D,V,opts",
+    [(2304, 256000, {"softcap": 30.0}), (4096, 128256, {"label_smoothing": 0.1}), (1024, 50257, {"reduction": "none"})],
+    ids=["gemma2", "llama3", "gpt2-none"],
+)
+def test_low_memory_plan_real_heads(D, V, opts):
+    run_case(make_inputs((2, 300), D, V), torch.bfloat16, "triton", {**opts, "memory_budget_mib": 8})
+
+
+def test_low_memory_plan_no_host_sync():
+    hidden, weight, _, labels = make_inputs((4, 256), 512, 32000)
+    x = hidden.bfloat16().requires_grad_()
+    w = weight.bfloat16().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        linear_cross_entropy(x, w, labels, check_labels=False, memory_budget_mib=4).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -32,7 +32,7 @@ import dataclasses
 
 import torch
 
-from . import parallel, torch_impl
+from . import budget, parallel, torch_impl
 
 try:
     from . import kernels
@@ -51,6 +51,7 @@ class Options:
     softcap: float | None = None
     logit_scale: float = 1.0
     chunk_size: int | None = None
+    memory_budget: float | None = None  # bytes of working memory (fused_cel.budget)
     backend: str = "torch"  # "triton" or "torch": which ce_chunk runs
 
     def ce_kwargs(self) -> dict:
@@ -118,6 +119,8 @@ def run_chunks(
     dw: torch.Tensor | None = None,
     db: torch.Tensor | None = None,
     shard: parallel.Shard | None = None,
+    out_scale: torch.Tensor | None = None,
+    pad: bool = True,
 ) -> None:
     """The chunk loop. x [N, D], w [V, D], b [V] are in the compute dtype; targets [N].
 
@@ -126,6 +129,8 @@ def run_chunks(
     element or N) and fold it into them. dx, dw and db are overwritten, not added to.
     ``shard``: w and b are this rank's rows of a vocabulary split over a process group
     (fused_cel.parallel); dx is then this shard's part, summed over the group by the caller.
+    A dx that is not fp32, or an ``out_scale``: each chunk's dX is summed in an fp32 tile and
+    rounded once into dx, times out_scale (the low-memory plan). ``pad``: allow the padded W.
     """
     N, V = x.shape[0], w.shape[0]
     write_grad = dx is not None or dw is not None or db is not None
@@ -145,13 +150,16 @@ def run_chunks(
     # A V that is not a multiple of 64 (GPT-2's 50257) pushes cuBLAS off its fast kernels: the
     # logits and dX matmuls ran 5-7x slower on an H100. So W is padded with zero rows (a copy of
     # W, only for such V): their logits are exactly 0 and add nothing to dX.
-    v_pad = -(-V // 64) * 64
+    v_pad = -(-V // 64) * 64 if pad else V
     w_mm, b_mm = w, b
     if v_pad != V:
         w_mm = torch.nn.functional.pad(w, (0, 0, 0, v_pad - V))
         b_mm = None if b is None else torch.nn.functional.pad(b, (0, v_pad - V))
     buf = torch.empty((min(chunk, N), v_pad), dtype=x.dtype, device=x.device)
     target_grad = torch.empty(min(chunk, N), dtype=torch.float32, device=x.device) if write_grad else None
+    dx_tile = None
+    if dx is not None and (dx.dtype != torch.float32 or out_scale is not None):
+        dx_tile = torch.empty((min(chunk, N), x.shape[1]), dtype=torch.float32, device=x.device)
     if db is not None:
         db.zero_()
     for start in range(0, N, chunk):
@@ -187,14 +195,91 @@ def run_chunks(
         # where y_t is on another shard).
         y = (targets[start:end] - (0 if shard is None else shard.start)).clamp(0, V - 1)
         if dx is not None:
-            _mm(logits_mm, w_mm, out=dx[start:end])
-            dx[start:end].addcmul_(tg[:, None], w[y])
+            dxc = dx[start:end] if dx_tile is None else dx_tile[: end - start]
+            _mm(logits_mm, w_mm, out=dxc)
+            dxc.addcmul_(tg[:, None], w[y])
+            if dx_tile is not None:
+                _round_into(dx[start:end], dxc, out_scale)
         if dw is not None:
             _mm(logits.t(), xc, out=dw, accumulate=start > 0)
-            dw.index_put_((y,), tg[:, None] * xc, accumulate=True)
+            dw.index_add_(0, y, tg[:, None] * xc)
         if db is not None:
             db.add_(logits.sum(0, dtype=torch.float32))
-            db.index_put_((y,), tg, accumulate=True)
+            db.index_add_(0, y, tg)
+
+
+def run_vocab_blocks(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    targets: torch.Tensor,
+    opts: Options,
+    plan: budget.Plan,
+    *,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor,
+    dw: torch.Tensor | None,
+    db: torch.Tensor | None,
+    out_scale: torch.Tensor | None,
+) -> None:
+    """The low-memory plan's vocabulary pass: dW and db without a V x D fp32 accumulator.
+
+    W in blocks of plan.block_rows rows; per block, the logits of every token (plan.block_tokens
+    at a time) are recomputed and turned into the gradient with the known lse, and the block's
+    dW (db) is summed in an fp32 tile and rounded once into dw (db), times out_scale.
+    """
+    N, V, D = x.shape[0], w.shape[0], x.shape[1]
+    ce_chunk = kernels.ce_chunk if opts.backend == "triton" else torch_impl.ce_chunk
+    per_token_scale = grad_scale.numel() != 1
+    rows_max, tokens_max = min(plan.block_rows, V), min(plan.block_tokens, N)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    buf = torch.empty(rows_max * tokens_max, dtype=x.dtype, device=x.device)
+    target_grad = torch.empty(tokens_max, **f32)
+    acc = torch.empty((rows_max, D), **f32) if dw is not None else None
+    acc_b = torch.empty(rows_max, **f32) if db is not None else None
+    for v0 in range(0, V, rows_max):
+        rows = min(v0 + rows_max, V) - v0
+        for t0 in range(0, N, tokens_max):
+            n = min(t0 + tokens_max, N) - t0
+            xc, logits, tg = x[t0 : t0 + n], buf[: n * rows].view(n, rows), target_grad[:n]
+            if b is None:
+                torch.mm(xc, w[v0 : v0 + rows].t(), out=logits)
+            else:
+                torch.addmm(b[v0 : v0 + rows], xc, w[v0 : v0 + rows].t(), out=logits)
+            ce_chunk(
+                logits,
+                targets[t0 : t0 + n],
+                None,
+                lse[t0 : t0 + n],
+                grad_scale[t0 : t0 + n] if per_token_scale else grad_scale,
+                tg,
+                compute_lse=False,
+                write_grad=True,
+                vocab_start=v0,
+                vocab_total=V,
+                **opts.ce_kwargs(),
+            )
+            y = (targets[t0 : t0 + n] - v0).clamp(0, rows - 1)  # tg is 0 where y is not in the block
+            if acc is not None:
+                _mm(logits.t(), xc, out=acc[:rows], accumulate=t0 > 0)
+                acc[:rows].index_add_(0, y, tg[:, None] * xc)
+            if acc_b is not None:
+                if t0 == 0:
+                    acc_b.zero_()
+                acc_b[:rows].add_(logits.sum(0, dtype=torch.float32))
+                acc_b[:rows].index_add_(0, y, tg)
+        if acc is not None:
+            _round_into(dw[v0 : v0 + rows], acc[:rows], out_scale)
+        if acc_b is not None:
+            _round_into(db[v0 : v0 + rows], acc_b[:rows], out_scale)
+
+
+def _round_into(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """out = src * scale (if given), computed in fp32 and rounded once to out's dtype."""
+    if scale is None:
+        out.copy_(src)
+    else:
+        torch.mul(src, scale, out=out)
 
 
 def _shard_chunk(ce_chunk, logits, targets, loss, lse, grad_scale, target_grad, stats, opts, shard) -> None:
@@ -234,17 +319,41 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
 
         if opts.reduction == "none":
-            run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, shard=shard)
+            plan = _plan(opts, x, w, ctx.dtypes, (False, False, False))
+            run_chunks(x, w, b, targets, _with_plan(opts, plan), loss=loss, lse=lse, shard=shard, pad=_pad(plan))
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
             return loss
 
         # The chunk holds the unscaled gradient (entries in [-1, 1]: no fp16 underflow of p / n);
         # the mean's 1/divisor joins grad_output in backward, in fp32.
         ones = torch.ones((), **f32)
+        plan = _plan(opts, x, w, ctx.dtypes, (need_dx, need_dw, need_db))
+        if plan is not None and plan.low_memory:
+            # The gradients are rounded in forward (times 1/divisor); backward multiplies them by
+            # grad_output, which is exact when it is a power of two (1, 1/accumulation steps).
+            out_scale = None if divisor is None else 1.0 / divisor
+            ctx.grads = _low_memory_grads(ctx, x, w, b, targets, plan, loss, lse, ones, out_scale)
+            ctx.divisor = None
+            return _reduce(loss, opts.reduction, divisor)
+        opts = _with_plan(opts, plan)
         dx = torch.empty(x.shape, **f32) if need_dx else None
         dw = torch.empty(w.shape, **f32) if need_dw else None
         db = torch.empty(V, **f32) if need_db else None
-        run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=ones, dx=dx, dw=dw, db=db, shard=shard)
+        run_chunks(
+            x,
+            w,
+            b,
+            targets,
+            opts,
+            loss=loss,
+            lse=lse,
+            grad_scale=ones,
+            dx=dx,
+            dw=dw,
+            db=db,
+            shard=shard,
+            pad=_pad(plan),
+        )
         parallel.reduce_hidden_grad(dx, shard)
         ctx.grads, ctx.divisor = (dx, dw, db), divisor
         return _reduce(loss, opts.reduction, divisor)
@@ -273,14 +382,77 @@ def _backward_recompute(ctx, grad_out):
     cdt = ctx.compute_dtype
     x, w = hidden.to(cdt), weight.to(cdt)
     b = None if bias is None else bias.to(cdt)
+    scale = grad_out.reshape(-1).float().contiguous()
+    plan = _plan(ctx.opts, x, w, ctx.dtypes, (need_dx, need_dw, need_db))
+    if plan is not None and plan.low_memory:
+        return _low_memory_grads(ctx, x, w, b, targets, plan, None, lse, scale, None)
     f32 = dict(dtype=torch.float32, device=x.device)
     dx = torch.empty(x.shape, **f32) if need_dx else None
     dw = torch.empty(w.shape, **f32) if need_dw else None
     db = torch.empty(w.shape[0], **f32) if need_db else None
-    scale = grad_out.reshape(-1).float().contiguous()
-    run_chunks(x, w, b, targets, ctx.opts, loss=None, lse=lse, grad_scale=scale, dx=dx, dw=dw, db=db, shard=ctx.shard)
+    opts = _with_plan(ctx.opts, plan)
+    run_chunks(
+        x,
+        w,
+        b,
+        targets,
+        opts,
+        loss=None,
+        lse=lse,
+        grad_scale=scale,
+        dx=dx,
+        dw=dw,
+        db=db,
+        shard=ctx.shard,
+        pad=_pad(plan),
+    )
     parallel.reduce_hidden_grad(dx, ctx.shard)
     return tuple(None if g is None else _cast_into(g, None, dtype) for g, dtype in zip((dx, dw, db), ctx.dtypes))
+
+
+def _plan(opts: Options, x, w, dtypes, need) -> budget.Plan | None:
+    """The memory planner's choice under opts.memory_budget (None without a budget)."""
+    if opts.memory_budget is None:
+        return None
+    (N, D), V = x.shape, w.shape[0]
+    fp32 = [n and dt != torch.float32 for n, dt in zip(need, dtypes)]
+    return budget.plan(
+        N,
+        V,
+        D,
+        x.element_size(),
+        auto_chunk=auto_chunk_size(N, V, D, x.device, opts.backend, need[1]),
+        budget=opts.memory_budget,
+        fp32_dx=fp32[0],
+        fp32_dw=fp32[1],
+        fp32_db=fp32[2],
+        vocab_pass=need[1] or need[2],
+    )
+
+
+def _with_plan(opts: Options, plan: budget.Plan | None) -> Options:
+    return opts if plan is None else dataclasses.replace(opts, chunk_size=plan.chunk)
+
+
+def _pad(plan: budget.Plan | None) -> bool:
+    return plan is None or plan.pad
+
+
+def _low_memory_grads(ctx, x, w, b, targets, plan, loss, lse, grad_scale, out_scale):
+    """The low-memory plan: a token pass (loss if given, dX), then a vocabulary pass (dW, db).
+    Gradients come back in their own dtypes, each summed in fp32 and rounded once."""
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    dt_x, dt_w, dt_b = ctx.dtypes
+    dx = torch.empty(x.shape, dtype=dt_x, device=x.device) if need_dx else None
+    dw = torch.empty(w.shape, dtype=dt_w, device=x.device) if need_dw else None
+    db = torch.empty(w.shape[0], dtype=dt_b, device=x.device) if need_db else None
+    opts = _with_plan(ctx.opts, plan)
+    run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=grad_scale, dx=dx, out_scale=out_scale, pad=False)
+    if need_dw or need_db:
+        run_vocab_blocks(
+            x, w, b, targets, opts, plan, lse=lse, grad_scale=grad_scale, dw=dw, db=db, out_scale=out_scale
+        )
+    return dx, dw, db
 
 
 def loss_only(x, w, b, targets, divisor, opts: Options, shard=None) -> torch.Tensor:
@@ -288,7 +460,8 @@ def loss_only(x, w, b, targets, divisor, opts: Options, shard=None) -> torch.Ten
     N = x.shape[0]
     f32 = dict(dtype=torch.float32, device=x.device)
     loss, lse = torch.empty(N, **f32), torch.empty(N, **f32)
-    run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, shard=shard)
+    plan = _plan(opts, x, w, (None, None, None), (False, False, False))
+    run_chunks(x, w, b, targets, _with_plan(opts, plan), loss=loss, lse=lse, shard=shard, pad=_pad(plan))
     return _reduce(loss, opts.reduction, divisor)
 
 

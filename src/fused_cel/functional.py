@@ -33,6 +33,7 @@ def linear_cross_entropy(
     shift: bool = False,
     num_items: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
+    memory_budget_mib: float | None = None,
     check_labels: bool = True,
     backend: str = "auto",
     process_group: torch.distributed.ProcessGroup | None = None,
@@ -59,6 +60,13 @@ def linear_cross_entropy(
             Hugging Face's num_items_in_batch, whose value is not checked when it is on the
             device: that would synchronise); default the number of tokens not ignored.
         chunk_size: tokens per chunk; None picks one from the vocabulary size.
+        memory_budget_mib: the working memory the op may allocate, in MiB, beyond its inputs and
+            the gradients it returns; the planner (fused_cel.budget) picks the fastest plan that
+            fits. When the fp32 dX/dW accumulators of the default plan do not fit, the low-memory
+            plan recomputes the logits once more (4 matmuls instead of 3) and keeps only fp32
+            tiles; every gradient is still summed in fp32 and rounded once. In that plan the
+            gradients are rounded in forward, and backward multiplies them by grad_output (exact
+            when it is a power of two, such as 1). Not with chunk_size or process_group.
         check_labels: reject labels outside [0, V) that are not ignore_index. This costs one
             host synchronisation per call; with False such a label gives a NaN loss instead.
         backend: "triton" (the fused kernel; CUDA, or CPU under TRITON_INTERPRET=1), "torch"
@@ -95,12 +103,15 @@ def linear_cross_entropy(
             softcap=softcap,
             logit_scale=logit_scale,
             chunk_size=chunk_size,
+            memory_budget_mib=memory_budget_mib,
             shift=shift,
             check_labels=check_labels,
             backend=backend,
         ),
         backend=_resolve_backend(backend, hidden.device),
     )
+    if process_group is not None and memory_budget_mib is not None:
+        raise ValueError("memory_budget_mib is not supported with process_group yet")
     if shift and hidden.dim() < 2:
         raise ValueError("shift=True needs a sequence dimension: hidden must be at least [T, D]")
 
@@ -188,7 +199,18 @@ def _real(name: str, value, *, lo=None, hi=None, lo_open=False) -> float:
 
 
 def check_options(
-    *, ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size, shift, check_labels, backend
+    *,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    z_loss,
+    softcap,
+    logit_scale,
+    chunk_size,
+    memory_budget_mib,
+    shift,
+    check_labels,
+    backend,
 ) -> dict:
     """Validate the tensor-free options; return the loss options normalised for Options."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
@@ -208,6 +230,11 @@ def check_options(
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
         chunk_size = int(chunk_size)
+    memory_budget = None
+    if memory_budget_mib is not None:
+        memory_budget = _real("memory_budget_mib", memory_budget_mib, lo=0.0, lo_open=True) * 2**20
+        if chunk_size is not None:
+            raise ValueError("give chunk_size or memory_budget_mib, not both")
     for name, flag in (("shift", shift), ("check_labels", check_labels)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
@@ -221,6 +248,7 @@ def check_options(
         softcap=softcap,
         logit_scale=logit_scale,
         chunk_size=chunk_size,
+        memory_budget=memory_budget,
     )
 
 

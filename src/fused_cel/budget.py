@@ -1,0 +1,89 @@
+"""The memory planner: chunk sizes (and the algorithm) from a budget of working memory.
+
+"Working memory" is what the op allocates beyond its inputs and the gradients it returns: the
+chunk's logits buffer, fp32 accumulators, a padded copy of W for an odd V, per-token vectors.
+
+Two algorithms (autograd.py runs both):
+  accumulate  (the default) one pass over the tokens in chunks; dX and dW are summed in fp32
+              buffers of N x D and V x D (4 bytes each, beyond the gradients themselves when
+              those are bf16/fp16) and rounded once. 3 matmuls: logits, dX, dW.
+  low-memory  when those accumulators do not fit. A token pass (chunks of the whole vocabulary:
+              loss, lse and dX, each chunk's dX summed in an fp32 tile and rounded once), then a
+              vocabulary pass: W in blocks of rows, the block's logits recomputed for all tokens
+              with the known lse, and the block's dW summed in an fp32 tile and rounded once.
+              4 matmuls: the logits twice, dX, dW. Every gradient is still summed in fp32 and
+              rounded once, so it is as exact as in the accumulate plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MIB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    chunk: int  # tokens per chunk of the token pass
+    low_memory: bool = False  # dW and db from a separate vocabulary pass
+    block_rows: int = 0  # low memory: vocabulary rows per block of that pass
+    block_tokens: int = 0  # low memory: tokens per step of that pass
+    pad: bool = True  # pad W to a multiple of 64 rows for an odd V (a copy of W)
+
+
+def _floor(n: float, multiple: int) -> int:
+    n = int(n)
+    return n // multiple * multiple if n >= multiple else n
+
+
+def plan(
+    n: int,
+    vocab: int,
+    dim: int,
+    itemsize: int,
+    *,
+    auto_chunk: int,
+    budget: float,
+    fp32_dx: bool,
+    fp32_dw: bool,
+    fp32_db: bool,
+    vocab_pass: bool,
+) -> Plan:
+    """The fastest plan whose working memory fits ``budget`` bytes.
+
+    fp32_dx / fp32_dw / fp32_db: the accumulate plan would hold that fp32 accumulator beyond the
+    gradient (it is needed and its gradient is not fp32). vocab_pass: dW or db is needed.
+    """
+    per_token = 16 * n  # loss, lse, target gradient and labels
+    v_pad = -(-vocab // 64) * 64
+    pad_copy = 0 if v_pad == vocab else v_pad * dim * itemsize
+    fixed = per_token + pad_copy + 4 * (n * dim * fp32_dx + vocab * dim * fp32_dw + vocab * fp32_db)
+    # per token of a chunk: its logits, and the target fold's temporaries (a*X_c in fp32, W[y])
+    per_row = v_pad * itemsize + dim * (4 + itemsize)
+    chunk = _floor(min(auto_chunk, (budget - fixed) / per_row), 128)
+    if chunk >= min(128, n):
+        return Plan(chunk=max(1, chunk))
+
+    # Low memory: no padded copy of W (an odd V only slows the matmuls), fp32 tiles instead of
+    # whole accumulators. Token pass: chunk x V buffer, a chunk x D fp32 dX tile, W[y].
+    room = budget - per_token
+    per_row = vocab * itemsize + dim * (4 + itemsize)
+    chunk = min(n, _floor(room / per_row, 16))
+    if chunk < 1:
+        raise ValueError(_too_small(budget, per_row + per_token))
+    if not vocab_pass:
+        return Plan(chunk=chunk, low_memory=True, pad=False)
+    # Vocabulary pass: a block_tokens x block_rows buffer, a block_rows x D fp32 tile, and the
+    # target fold's block_tokens x D fp32 temporary.
+    for block_tokens in (4096, 2048, 1024, 512, 256, 128, 64, 16):
+        block_tokens = min(block_tokens, n)
+        block_rows = _floor((room - block_tokens * dim * 4) / (block_tokens * itemsize + 4 * dim + 4), 64)
+        if block_rows >= min(256, vocab):
+            break
+    if block_rows < 1:
+        raise ValueError(_too_small(budget, block_tokens * (itemsize + 4 * dim) + 4 * dim + 4 + per_token))
+    return Plan(chunk=chunk, low_memory=True, block_rows=min(block_rows, vocab), block_tokens=block_tokens, pad=False)
+
+
+def _too_small(budget: float, least: float) -> str:
+    return f"memory_budget_mib={budget / MIB:g} is too small for this shape: it needs at least {least / MIB:.3g} MiB"

@@ -1,0 +1,129 @@
+"""memory_budget_mib: the planner's choices, and the low-memory plan against float64.
+
+The low-memory plan (token pass for loss and dX, then a vocabulary pass for dW and db) must give
+the same accuracy as the default: error vs float64 at most plain PyTorch's plus slack
+(test_functional.run_case), for every option, dtype and backend.
+"""
+
+import pytest
+import torch
+
+from fused_cel import autograd, budget, linear_cross_entropy
+from conftest import BACKENDS
+from test_functional import DTYPES, make_inputs, run_case
+
+MIB = 2**20
+LOW = 0.05  # MiB: below the default plan's fp32 accumulators at N=128, D=40, V=300
+
+
+def plan(n, vocab, dim, budget_mib, *, itemsize=2, need=(True, True, True), auto_chunk=4096):
+    return budget.plan(
+        n,
+        vocab,
+        dim,
+        itemsize,
+        auto_chunk=auto_chunk,
+        budget=budget_mib * MIB,
+        fp32_dx=need[0],
+        fp32_dw=need[1],
+        fp32_db=need[2],
+        vocab_pass=need[1] or need[2],
+    )
+
+
+def working_memory(p: budget.Plan, n, vocab, dim, itemsize=2):
+    """Bytes the low-memory plan allocates beyond inputs and gradients (budget.py's accounting)."""
+    token_pass = p.chunk * (vocab * itemsize + dim * (4 + itemsize))
+    vocab_pass = p.block_tokens * (p.block_rows * itemsize + dim * 4) + p.block_rows * (dim + 1) * 4
+    return 16 * n + max(token_pass, vocab_pass)
+
+
+def test_plan_without_pressure_is_the_default():
+    p = plan(8192, 128256, 4096, 10_000)
+    assert p == budget.Plan(chunk=4096)
+
+
+def test_plan_shrinks_the_chunk_before_changing_algorithm():
+    # Llama 3 at N=8192: fp32 dX (128 MiB) + dW (2004 MiB) + db; 512 MiB more for the buffer.
+    p = plan(8192, 128256, 4096, 2004 + 128 + 512)
+    assert not p.low_memory and 1024 <= p.chunk < 4096 and p.chunk % 128 == 0, p
+
+
+@pytest.mark.parametrize("n, vocab, dim", [(8192, 128256, 4096), (8192, 256000, 2304), (131072, 128256, 4096)])
+@pytest.mark.parametrize("budget_mib", [64, 256])
+def test_low_memory_plan_fits_its_budget(n, vocab, dim, budget_mib):
+    p = plan(n, vocab, dim, budget_mib)
+    assert p.low_memory and not p.pad, p
+    assert working_memory(p, n, vocab, dim) <= budget_mib * MIB, p
+    assert p.chunk >= 16 and p.block_rows >= 256 and p.block_rows % 64 == 0, p
+
+
+def test_budget_too_small_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"memory_budget_mib=0.1 is too small for this shape: it needs at least"):
+        plan(8192, 128256, 4096, 0.1)
+    hidden, weight, _, labels = make_inputs((8,), 16, 50)
+    with pytest.raises(ValueError, match=r"memory_budget_mib=0.0001 is too small for this shape"):
+        linear_cross_entropy(hidden.requires_grad_(), weight, labels, memory_budget_mib=1e-4)
+
+
+def count_vocab_passes(monkeypatch):
+    calls = []
+    original = autograd.run_vocab_blocks
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["dw"] is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(autograd, "run_vocab_blocks", spy)
+    return calls
+
+
+LOW_OPTIONS = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none", "shift": True},
+    {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0, "logit_scale": 1.5, "shift": True},
+    {"num_items": 41, "ignore_index": 0},
+]
+
+
+@pytest.mark.parametrize("opts", LOW_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_memory_plan(backend, dtype, opts, monkeypatch):
+    if backend == "triton" and dtype == torch.float16 and opts:
+        pytest.skip("the interpreter is slow: fp16 runs the default options only")
+    calls = count_vocab_passes(monkeypatch)
+    inputs = make_inputs((4, 32), 40, 300, ignore_index=opts.get("ignore_index", -100))
+    run_case(inputs, dtype, backend, {**opts, "memory_budget_mib": LOW})
+    assert calls == [True], "the low-memory plan did not run"
+
+
+@pytest.mark.parametrize(
+    "trainable", [(True, False, False), (False, True, True), (False, False, True)], ids=["frozen_weight", "no_dx", "db"]
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_memory_partial_grads(backend, trainable, monkeypatch):
+    calls = count_vocab_passes(monkeypatch)
+    run_case(make_inputs((4, 32), 40, 300), torch.bfloat16, backend, {"memory_budget_mib": LOW}, trainable=trainable)
+    assert calls == ([] if trainable == (True, False, False) else [trainable[1]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_memory_odd_grad_output_and_no_grad(backend):
+    """grad_output 3.7 is a second rounding of the gradients (documented); still within tolerance."""
+    inputs = make_inputs((4, 32), 40, 300)
+    run_case(inputs, torch.bfloat16, backend, {"memory_budget_mib": LOW}, grad_scale=3.7)
+    hidden, weight, bias, labels = inputs
+    with torch.no_grad():
+        ours = linear_cross_entropy(hidden, weight, labels, bias, memory_budget_mib=LOW, backend=backend)
+        default = linear_cross_entropy(hidden, weight, labels, bias, backend=backend)
+    torch.testing.assert_close(ours, default)
+
+
+def test_budget_options_are_checked():
+    h, w, b, y = make_inputs((8,), 16, 50)
+    with pytest.raises(ValueError, match="give chunk_size or memory_budget_mib, not both"):
+        linear_cross_entropy(h, w, y, memory_budget_mib=64, chunk_size=16)
+    with pytest.raises(ValueError, match=r"memory_budget_mib must be > 0\.0, got 0\.0"):
+        linear_cross_entropy(h, w, y, memory_budget_mib=0)
