@@ -389,29 +389,10 @@ def check_stock_then_patched(results, case, what):
     check_against_reference(results, case, what, runs=(True,))
 
 
-# The bug both xfails show, and its fix: fused_cel.patch's head returns a placeholder that takes no
-# part in backward, so wrappers that prepare the head for backward from a hook on its output never
-# do: FSDP1 asserts on its training state, ZeRO-3 has released the weight (shape (0,)) by the time
-# dW is accumulated into it. Fix: the placeholder requires grad and loss_function adds its (empty)
-# sum to the loss, so backward reaches the head's output as with the stock logits.
-HEAD_OUTPUT_BUG = "fused_cel.patch: the head's placeholder output takes no part in backward, so "
-
-
-@pytest.mark.parametrize(
-    "variant",
-    [
-        "layers+root",
-        pytest.param(
-            "lm_head alone",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=PatchedRunFailure,
-                reason=HEAD_OUTPUT_BUG + "FSDP1's pre-backward hook on the head unit never runs: 'ValueError: "
-                "expected to be in states [<TrainingState.FORWARD_BACKWARD: 2>] but current state is IDLE'",
-            ),
-        ),
-    ],
-)
+# Both need backward to reach the head's output, as it does the stock logits: FSDP1 and ZeRO-3
+# prepare a module's parameters for backward from a hook on its output (fused_cel.patch makes its
+# placeholder output part of the graph for this).
+@pytest.mark.parametrize("variant", ["layers+root", "lm_head alone"])
 def test_hf_patch_under_fsdp1(two_ranks, variant):
     """FullyShardedDataParallel (use_orig_params=True): one SGD step of the patched model
     equals the stock model's and single-process training."""
@@ -460,12 +441,6 @@ def _zero3(rank, world, case):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-@pytest.mark.xfail(
-    strict=True,
-    raises=PatchedRunFailure,
-    reason=HEAD_OUTPUT_BUG + "DeepSpeed never re-gathers lm_head.weight for backward, and accumulating dW "
-    "into the released parameter fails: 'The size of tensor a (0) must match the size of tensor b (32)'",
-)
 def test_hf_patch_under_zero3():
     """DeepSpeed ZeRO-3 on its CPU accelerator (gloo), Trainer's convention: one SGD step of
     the patched model equals the stock model's and single-process training."""

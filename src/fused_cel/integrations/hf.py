@@ -168,6 +168,11 @@ def _head_forward(state, stock_forward):
         if state.return_logits:
             return stock_forward(hidden_states)
         state.placeholder = hidden_states.new_empty((*hidden_states.shape[:-1], 0))
+        if torch.is_grad_enabled() and head.weight.requires_grad:
+            # Part of the graph (loss_function adds its empty sum), so that backward reaches the
+            # head's output as it does the stock logits: DeepSpeed ZeRO-3 and FSDP1 prepare a
+            # module's parameters for backward from a hook on its output.
+            state.placeholder.requires_grad_()
         return state.placeholder
 
     return forward
@@ -208,6 +213,9 @@ def _loss_function(state, stock_loss_function):
         if state.loss is None:  # not armed: eval with labels, or the stock path in verify
             return stock_loss_function(*args, **kwargs)
         loss, state.loss = state.loss, None
+        logits = kwargs["logits"] if "logits" in kwargs else (args[0] if args else None)
+        if isinstance(logits, torch.Tensor) and logits.requires_grad and logits.numel() == 0:
+            loss = loss + logits.sum()  # + 0.0 exactly, and backward reaches the head's output
         return loss
 
     return loss_function
