@@ -69,3 +69,23 @@ def test_invalid_label_gives_nan_not_a_read():
     _, loss, _, tg = run(kernels, logits, targets, OPTS[0], True, True, scale=torch.ones(1, device=DEVICE))
     assert torch.isfinite(loss[0]) and loss[1:].isnan().all()
     assert torch.equal(tg[1:], torch.zeros(2, device=DEVICE))  # no gradient from a bad label
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("scatter", [True, False], ids=["dW-scatter", "dX-gather"])
+def test_fold_matches_torch(scatter, dtype):
+    """kernels.fold (atomic scatter / gather, no temporaries) equals torch_impl.fold; tokens that
+    share a row (repeated targets) sum, and a coefficient of 0 adds nothing (even NaN rows)."""
+    n, rows, D = 37, 11, 1100  # D over one block of columns
+    index = torch.randint(0, rows, (n,), device=DEVICE)
+    coef = torch.randn(n, device=DEVICE)
+    coef[::5] = 0.0
+    dst = torch.randn(rows if scatter else n, D, device=DEVICE)
+    src = torch.randn(n if scatter else rows, D, device=DEVICE).to(dtype)
+    if scatter:
+        src[coef == 0] = float("nan")
+    got, want = dst.clone(), dst.clone()
+    args = (index, None) if scatter else (None, index)
+    kernels.fold(got, args[0], src, args[1], coef)
+    torch_impl.fold(want, args[0], src.nan_to_num() if scatter else src, args[1], coef)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)

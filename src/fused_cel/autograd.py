@@ -146,6 +146,7 @@ def run_chunks(
         chunk = opts.chunk_size or auto_chunk_size(N, plan_v, x.shape[1], x.device, opts.backend, False)
         stats = torch.empty((min(chunk, N), 4), dtype=torch.float32, device=x.device) if loss is not None else None
     ce_chunk = kernels.ce_chunk if opts.backend == "triton" else torch_impl.ce_chunk
+    fold = _fold(opts.backend)
     per_token_scale = grad_scale is not None and grad_scale.numel() != 1
     # A V that is not a multiple of 64 (GPT-2's 50257) pushes cuBLAS off its fast kernels: the
     # logits and dX matmuls ran 5-7x slower on an H100. So W is padded with zero rows (a copy of
@@ -197,12 +198,12 @@ def run_chunks(
         if dx is not None:
             dxc = dx[start:end] if dx_tile is None else dx_tile[: end - start]
             _mm(logits_mm, w_mm, out=dxc)
-            dxc.addcmul_(tg[:, None], w[y])
+            fold(dxc, None, w, y, tg)
             if dx_tile is not None:
                 _round_into(dx[start:end], dxc, out_scale)
         if dw is not None:
             _mm(logits.t(), xc, out=dw, accumulate=start > 0)
-            dw.index_add_(0, y, tg[:, None] * xc)
+            fold(dw, y, xc, None, tg)
         if db is not None:
             db.add_(logits.sum(0, dtype=torch.float32))
             db.index_add_(0, y, tg)
@@ -230,6 +231,7 @@ def run_vocab_blocks(
     """
     N, V, D = x.shape[0], w.shape[0], x.shape[1]
     ce_chunk = kernels.ce_chunk if opts.backend == "triton" else torch_impl.ce_chunk
+    fold = _fold(opts.backend)
     per_token_scale = grad_scale.numel() != 1
     rows_max, tokens_max = min(plan.block_rows, V), min(plan.block_tokens, N)
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -262,7 +264,7 @@ def run_vocab_blocks(
             y = (targets[t0 : t0 + n] - v0).clamp(0, rows - 1)  # tg is 0 where y is not in the block
             if acc is not None:
                 _mm(logits.t(), xc, out=acc[:rows], accumulate=t0 > 0)
-                acc[:rows].index_add_(0, y, tg[:, None] * xc)
+                fold(acc[:rows], y, xc, None, tg)
             if acc_b is not None:
                 if t0 == 0:
                     acc_b.zero_()
@@ -272,6 +274,14 @@ def run_vocab_blocks(
             _round_into(dw[v0 : v0 + rows], acc[:rows], out_scale)
         if acc_b is not None:
             _round_into(db[v0 : v0 + rows], acc_b[:rows], out_scale)
+
+
+def _fold(backend: str):
+    """dst rows += coef * src rows (the gradient's target entries): the Triton kernel (atomic,
+    no temporaries) unless deterministic algorithms are requested."""
+    if backend == "triton" and not torch.are_deterministic_algorithms_enabled():
+        return kernels.fold
+    return torch_impl.fold
 
 
 def _round_into(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor | None) -> None:
@@ -385,7 +395,8 @@ def _backward_recompute(ctx, grad_out):
     scale = grad_out.reshape(-1).float().contiguous()
     plan = _plan(ctx.opts, x, w, ctx.dtypes, (need_dx, need_dw, need_db))
     if plan is not None and plan.low_memory:
-        return _low_memory_grads(ctx, x, w, b, targets, plan, None, lse, scale, None)
+        grads = _low_memory_grads(ctx, x, w, b, targets, plan, None, lse, scale, None)
+        return tuple(None if g is None else _cast_into(g, None, dtype) for g, dtype in zip(grads, ctx.dtypes))
     f32 = dict(dtype=torch.float32, device=x.device)
     dx = torch.empty(x.shape, **f32) if need_dx else None
     dw = torch.empty(w.shape, **f32) if need_dw else None
@@ -427,6 +438,7 @@ def _plan(opts: Options, x, w, dtypes, need) -> budget.Plan | None:
         fp32_dw=fp32[1],
         fp32_db=fp32[2],
         vocab_pass=need[1] or need[2],
+        fold_temps=kernels is None or _fold(opts.backend) is not kernels.fold,
     )
 
 
@@ -440,12 +452,13 @@ def _pad(plan: budget.Plan | None) -> bool:
 
 def _low_memory_grads(ctx, x, w, b, targets, plan, loss, lse, grad_scale, out_scale):
     """The low-memory plan: a token pass (loss if given, dX), then a vocabulary pass (dW, db).
-    Gradients come back in their own dtypes, each summed in fp32 and rounded once."""
+    dX and dW come back in their own dtypes, each summed in fp32 and rounded once; db (V
+    numbers) stays fp32 until backward rounds it."""
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dt_x, dt_w, dt_b = ctx.dtypes
+    dt_x, dt_w, _ = ctx.dtypes
     dx = torch.empty(x.shape, dtype=dt_x, device=x.device) if need_dx else None
     dw = torch.empty(w.shape, dtype=dt_w, device=x.device) if need_dw else None
-    db = torch.empty(w.shape[0], dtype=dt_b, device=x.device) if need_db else None
+    db = torch.empty(w.shape[0], dtype=torch.float32, device=x.device) if need_db else None
     opts = _with_plan(ctx.opts, plan)
     run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=grad_scale, dx=dx, out_scale=out_scale, pad=False)
     if need_dw or need_db:

@@ -48,18 +48,24 @@ def plan(
     fp32_dw: bool,
     fp32_db: bool,
     vocab_pass: bool,
+    fold_temps: bool = True,
 ) -> Plan:
-    """The fastest plan whose working memory fits ``budget`` bytes.
+    """The fastest plan whose working memory fits ``budget`` bytes (3% of it is kept in reserve
+    for what is not modelled: allocator rounding, library workspaces).
 
     fp32_dx / fp32_dw / fp32_db: the accumulate plan would hold that fp32 accumulator beyond the
     gradient (it is needed and its gradient is not fp32). vocab_pass: dW or db is needed.
+    fold_temps: the target fold makes [tokens, D] temporaries (the torch path; the Triton fold
+    kernel makes none).
     """
+    budget *= 0.97
     per_token = 16 * n  # loss, lse, target gradient and labels
     v_pad = -(-vocab // 64) * 64
     pad_copy = 0 if v_pad == vocab else v_pad * dim * itemsize
     fixed = per_token + pad_copy + 4 * (n * dim * fp32_dx + vocab * dim * fp32_dw + vocab * fp32_db)
     # per token of a chunk: its logits, and the target fold's temporaries (a*X_c in fp32, W[y])
-    per_row = v_pad * itemsize + dim * (4 + itemsize)
+    fold = dim * (4 + itemsize) if fold_temps else 0
+    per_row = v_pad * itemsize + fold
     chunk = _floor(min(auto_chunk, (budget - fixed) / per_row), 128)
     if chunk >= min(128, n):
         return Plan(chunk=max(1, chunk))
@@ -67,7 +73,7 @@ def plan(
     # Low memory: no padded copy of W (an odd V only slows the matmuls), fp32 tiles instead of
     # whole accumulators. Token pass: chunk x V buffer, a chunk x D fp32 dX tile, W[y].
     room = budget - per_token
-    per_row = vocab * itemsize + dim * (4 + itemsize)
+    per_row = vocab * itemsize + dim * 4 + fold
     chunk = min(n, _floor(room / per_row, 16))
     if chunk < 1:
         raise ValueError(_too_small(budget, per_row + per_token))
@@ -77,13 +83,14 @@ def plan(
     # target fold's block_tokens x D fp32 temporary.
     for block_tokens in (4096, 2048, 1024, 512, 256, 128, 64, 16):
         block_tokens = min(block_tokens, n)
-        block_rows = _floor((room - block_tokens * dim * 4) / (block_tokens * itemsize + 4 * dim + 4), 64)
+        block_rows = _floor((room - block_tokens * fold) / (block_tokens * itemsize + 4 * dim + 4), 64)
         if block_rows >= min(256, vocab):
             break
     if block_rows < 1:
-        raise ValueError(_too_small(budget, block_tokens * (itemsize + 4 * dim) + 4 * dim + 4 + per_token))
+        raise ValueError(_too_small(budget, block_tokens * (itemsize + fold) + 4 * dim + 4 + per_token))
     return Plan(chunk=chunk, low_memory=True, block_rows=min(block_rows, vocab), block_tokens=block_tokens, pad=False)
 
 
 def _too_small(budget: float, least: float) -> str:
-    return f"memory_budget_mib={budget / MIB:g} is too small for this shape: it needs at least {least / MIB:.3g} MiB"
+    given, least = budget / 0.97 / MIB, least / 0.97 / MIB
+    return f"memory_budget_mib={given:g} is too small for this shape: it needs at least {least:.3g} MiB"

@@ -81,3 +81,17 @@ def ce_chunk(
         target_grad.copy_(torch.where(here, g_y * du_dz_y * coef, 0.0))
         d.scatter_(1, safe[:, None], torch.where(here, 0.0, d.gather(1, safe[:, None]).squeeze(1))[:, None])
         logits.copy_(d)
+
+
+def fold(
+    dst: torch.Tensor,
+    dst_index: torch.Tensor | None,
+    src: torch.Tensor,
+    src_index: torch.Tensor | None,
+    coef: torch.Tensor,
+) -> None:
+    """See fused_cel.kernels.fold (here with an [n, D] fp32 temporary)."""
+    if dst_index is not None:
+        dst.index_add_(0, dst_index, coef[:, None] * src)
+    else:
+        dst.addcmul_(coef[:, None], src[src_index])
