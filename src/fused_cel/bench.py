@@ -15,10 +15,8 @@ Usage:
     python -m fused_cel.bench --autocast --preset qwen2.5-7b   # fp32 weights, bf16 compute
     python -m fused_cel.bench --device cpu --dtype fp32 --shape 256,64,1000 --methods plain,fused_cel
 
-The H100 record is to be kept in docs/benchmarks/h100-bench/ and made with exactly:
-
-    python -m fused_cel.bench --preset llama3-8b --preset gemma2-2b --preset qwen2.5-7b \\
-        --preset mistral-7b --preset gpt2 --out docs/benchmarks/h100-bench
+The H100 record in docs/benchmarks/h100-bench/ is made by scripts/h100_bench.sh (heads, Qwen 2.5
+at 16384 tokens, scaling with N, frozen weight, fp16, fp32 and autocast).
 
 Methods (--methods, comma-separated; default every one; those that cannot run here are skipped
 with a note): plain (F.linear, upcast to fp32, F.cross_entropy), compile (torch.compile of plain),
