@@ -156,14 +156,18 @@ def build(case, patched: bool):
     return fused_cel.patch(model) if patched else model
 
 
-def hf_step(model, rank, world, case, backward=torch.Tensor.backward):
+def hf_step(model, rank, world, case, backward=torch.Tensor.backward, tuple_output=False):
     """Forward and backward as transformers' Trainer runs them: num_items_in_batch is the count
     of shifted labels gathered over the ranks (Trainer._get_num_items_in_batch with the default
     average_tokens_across_devices=True), and the loss is multiplied by the number of processes
-    (Trainer.compute_loss) because the gradient reduction averages over the ranks."""
+    (Trainer.compute_loss) because the gradient reduction averages over the ranks.
+    tuple_output: return_dict=False, whose logits slot must be None (the patched model's)."""
     ids, labels = case["ids"][rank], case["labels"][rank]
     n = global_count(labels[..., 1:])
-    loss = model(input_ids=ids, labels=labels, num_items_in_batch=n).loss * world
+    out = model(input_ids=ids, labels=labels, num_items_in_batch=n, return_dict=not tuple_output)
+    if tuple_output:
+        assert out[1] is None, f"the logits slot of return_dict=False holds {type(out[1]).__name__}, not None"
+    loss = (out[0] if tuple_output else out.loss) * world
     backward(loss)
     return loss.detach()
 
@@ -428,7 +432,7 @@ def _zero3(rank, world, case):
         whole = [n for n, p in engine.module.named_parameters() if p.numel() != 0]
         assert not whole, f"ZeRO-3 left these parameters whole: {whole}"
         try:
-            loss = hf_step(engine, rank, world, case, backward=engine.backward)
+            loss = hf_step(engine, rank, world, case, backward=engine.backward, tuple_output=patched)
         except Exception:  # reported by the test, after the stock run's checks
             results[patched] = {"error": traceback.format_exc(limit=-3)}
             continue

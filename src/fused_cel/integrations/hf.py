@@ -214,8 +214,12 @@ def _loss_function(state, stock_loss_function):
             return stock_loss_function(*args, **kwargs)
         loss, state.loss = state.loss, None
         logits = kwargs["logits"] if "logits" in kwargs else (args[0] if args else None)
-        if isinstance(logits, torch.Tensor) and logits.requires_grad and logits.numel() == 0:
-            loss = loss + logits.sum()  # + 0.0 exactly, and backward reaches the head's output
+        if isinstance(logits, torch.Tensor) and logits.numel() == 0 and state.placeholder is not None:
+            # The placeholder as the model sees it: hooks on the head (DeepSpeed's) may have
+            # replaced the head's output by another tensor object; this one goes to the output.
+            state.placeholder = logits
+            if logits.requires_grad:
+                loss = loss + logits.sum()  # + 0.0 exactly, and backward reaches the head's output
         return loss
 
     return loss_function
