@@ -15,7 +15,7 @@ if [[ $part == heads || $part == all ]]; then
 fi
 if [[ $part == scaling || $part == all ]]; then
     $bench --preset llama3-8b --tokens 1024 --tokens 4096 --tokens 16384 --tokens 65536 --tokens 131072 \
-        --methods "fused_cel,fused_cel[memory_budget_mib=64],liger" --out "$out/scaling"
+        --methods "fused_cel,fused_cel[memory_budget_mib=3100],fused_cel[memory_budget_mib=64],liger" --out "$out/scaling"
 fi
 if [[ $part == variants || $part == all ]]; then
     # frozen weight (LoRA: logits + dX only), fp16, fp32, fp32 weights under bf16 autocast

@@ -150,3 +150,29 @@ def test_budget_options_are_checked():
         linear_cross_entropy(h, w, y, memory_budget_mib=64, chunk_size=16)
     with pytest.raises(ValueError, match=r"memory_budget_mib must be > 0\.0, got 0\.0"):
         linear_cross_entropy(h, w, y, memory_budget_mib=0)
+
+
+def test_plan_rounds_dx_per_chunk_before_going_low_memory():
+    """Llama 3 at 131072 tokens: the fp32 dX (2 GiB) does not fit 2300 MiB, fp32 dW does: the
+    same 3 matmuls with dX rounded chunk by chunk, memory flat in N."""
+    p = plan(131072, 128256, 4096, 2300)
+    assert p.round_dx and not p.low_memory and p.chunk >= 512, p
+    p = plan(8192, 128256, 4096, 2300)
+    assert not p.round_dx and not p.low_memory, f"the fp32 dX fits at 8192 tokens: {p}"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_round_dx_plan(backend, reduction, monkeypatch):
+    """Between the default and the low-memory plan (N=512, chunks of 128): dX from bf16 tiles."""
+    seen = []
+    original = autograd.run_chunks
+
+    def spy(*args, dx=None, **kwargs):
+        seen.append(None if dx is None else dx.dtype)
+        return original(*args, dx=dx, **kwargs)
+
+    monkeypatch.setattr(autograd, "run_chunks", spy)
+    opts = {"memory_budget_mib": 0.24, "reduction": reduction}
+    run_case(make_inputs((4, 128), 40, 300), torch.bfloat16, backend, opts, grad_scale=4.0)
+    assert torch.bfloat16 in seen, f"dX was not rounded per chunk: {seen}"

@@ -326,6 +326,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss = torch.empty(N, **f32)
         lse = torch.empty(N, **f32)
         ctx.opts, ctx.compute_dtype, ctx.shard = opts, compute_dtype, shard
+        ctx.dx_rounded = False  # dX already rounded (times 1/divisor) in forward
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
 
         if opts.reduction == "none":
@@ -346,7 +347,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.divisor = None
             return _reduce(loss, opts.reduction, divisor)
         opts = _with_plan(opts, plan)
-        dx = torch.empty(x.shape, **f32) if need_dx else None
+        # plan.round_dx: dX rounded chunk by chunk (times 1/divisor) into its own dtype; backward
+        # multiplies it by grad_output alone.
+        ctx.dx_rounded = bool(need_dx and plan is not None and plan.round_dx)
+        dx_dtype = ctx.dtypes[0] if ctx.dx_rounded else torch.float32
+        dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device) if need_dx else None
         dw = torch.empty(w.shape, **f32) if need_dw else None
         db = torch.empty(V, **f32) if need_db else None
         run_chunks(
@@ -361,6 +366,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dx=dx,
             dw=dw,
             db=db,
+            out_scale=None if divisor is None or not ctx.dx_rounded else 1.0 / divisor,
             shard=shard,
             pad=_pad(plan),
         )
@@ -380,7 +386,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     "consumed by the first backward (retain_graph=True is not supported)"
                 )
             scale = grad_out if ctx.divisor is None else grad_out / ctx.divisor
-            grads = tuple(None if g is None else _cast_into(g, scale, dtype) for g, dtype in zip(ctx.grads, ctx.dtypes))
+            scales = (grad_out if ctx.dx_rounded else scale, scale, scale)
+            grads = tuple(
+                None if g is None else _cast_into(g, sc, dtype) for g, sc, dtype in zip(ctx.grads, scales, ctx.dtypes)
+            )
             ctx.grads = None
         return (*grads, None, None, None, None, None)
 
@@ -398,7 +407,8 @@ def _backward_recompute(ctx, grad_out):
         grads = _low_memory_grads(ctx, x, w, b, targets, plan, None, lse, scale, None)
         return tuple(None if g is None else _cast_into(g, None, dtype) for g, dtype in zip(grads, ctx.dtypes))
     f32 = dict(dtype=torch.float32, device=x.device)
-    dx = torch.empty(x.shape, **f32) if need_dx else None
+    dx_dtype = ctx.dtypes[0] if plan is not None and plan.round_dx else torch.float32
+    dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device) if need_dx else None
     dw = torch.empty(w.shape, **f32) if need_dw else None
     db = torch.empty(w.shape[0], **f32) if need_db else None
     opts = _with_plan(ctx.opts, plan)

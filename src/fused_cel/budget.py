@@ -7,6 +7,8 @@ Two algorithms (autograd.py runs both):
   accumulate  (the default) one pass over the tokens in chunks; dX and dW are summed in fp32
               buffers of N x D and V x D (4 bytes each, beyond the gradients themselves when
               those are bf16/fp16) and rounded once. 3 matmuls: logits, dX, dW.
+              When the fp32 dX does not fit, each chunk's dX is rounded in forward from an fp32
+              chunk x D tile instead (memory then does not grow with N).
   low-memory  when those accumulators do not fit. A token pass (chunks of the whole vocabulary:
               loss, lse and dX, each chunk's dX summed in an fp32 tile and rounded once), then a
               vocabulary pass: W in blocks of rows, the block's logits recomputed for all tokens
@@ -25,6 +27,7 @@ MIB = 2**20
 @dataclasses.dataclass(frozen=True)
 class Plan:
     chunk: int  # tokens per chunk of the token pass
+    round_dx: bool = False  # each chunk's dX rounded in forward from an fp32 tile (no fp32 N x D dX)
     low_memory: bool = False  # dW and db from a separate vocabulary pass
     block_rows: int = 0  # low memory: vocabulary rows per block of that pass
     block_tokens: int = 0  # low memory: tokens per step of that pass
@@ -69,6 +72,13 @@ def plan(
     chunk = _floor(min(auto_chunk, (budget - fixed) / per_row), 128)
     if chunk >= min(128, n):
         return Plan(chunk=max(1, chunk))
+    if fp32_dx:
+        # The same 3 matmuls with dX rounded chunk by chunk (an fp32 chunk x D tile instead of an
+        # fp32 N x D dX): memory no longer grows with N.
+        fixed -= 4 * n * dim
+        chunk = _floor(min(auto_chunk, (budget - fixed) / (per_row + 4 * dim)), 128)
+        if chunk >= min(128, n):
+            return Plan(chunk=max(1, chunk), round_dx=True)
 
     # Low memory: no padded copy of W (an odd V only slows the matmuls), fp32 tiles instead of
     # whole accumulators. Token pass: chunk x V buffer, a chunk x D fp32 dX tile, W[y].
