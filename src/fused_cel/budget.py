@@ -91,10 +91,11 @@ def plan(
         return Plan(chunk=chunk, low_memory=True, pad=False)
     # Vocabulary pass: a block_tokens x block_rows buffer, a block_rows x D fp32 tile, and the
     # target fold's block_tokens x D fp32 temporary.
-    for block_tokens in (4096, 2048, 1024, 512, 256, 128, 64, 16):
+    # All tokens in one step if the blocks stay large (one matmul per block, no fp32 re-reads).
+    for block_tokens, least in ((n, 1024), (4096, 256), (2048, 256), (1024, 256), (512, 256), (256, 256), (64, 64)):
         block_tokens = min(block_tokens, n)
         block_rows = _floor((room - block_tokens * fold) / (block_tokens * itemsize + 4 * dim + 4), 64)
-        if block_rows >= min(256, vocab):
+        if block_rows >= min(least, vocab):
             break
     if block_rows < 1:
         raise ValueError(_too_small(budget, block_tokens * (itemsize + fold) + 4 * dim + 4 + per_token))
