@@ -92,7 +92,8 @@ def plan(
     # Vocabulary pass: a block_tokens x block_rows buffer, a block_rows x D fp32 tile, and the
     # target fold's block_tokens x D fp32 temporary.
     # All tokens in one step if the blocks stay large (one matmul per block, no fp32 re-reads).
-    for block_tokens, least in ((n, 1024), (4096, 256), (2048, 256), (1024, 256), (512, 256), (256, 256), (64, 64)):
+    ladder = ((n, 1024), (4096, 256), (2048, 256), (1024, 256), (512, 256), (256, 256), (64, 64), (16, 1))
+    for block_tokens, least in ladder:
         block_tokens = min(block_tokens, n)
         block_rows = _floor((room - block_tokens * fold) / (block_tokens * itemsize + 4 * dim + 4), 64)
         if block_rows >= min(least, vocab):

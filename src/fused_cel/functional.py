@@ -62,11 +62,12 @@ def linear_cross_entropy(
         chunk_size: tokens per chunk; None picks one from the vocabulary size.
         memory_budget_mib: the working memory the op may allocate, in MiB, beyond its inputs and
             the gradients it returns; the planner (fused_cel.budget) picks the fastest plan that
-            fits. When the fp32 dX/dW accumulators of the default plan do not fit, the low-memory
-            plan recomputes the logits once more (4 matmuls instead of 3) and keeps only fp32
-            tiles; every gradient is still summed in fp32 and rounded once. In that plan the
-            gradients are rounded in forward, and backward multiplies them by grad_output (exact
-            when it is a power of two, such as 1). Not with chunk_size or process_group.
+            fits: the default with a smaller chunk; then the default with dX rounded chunk by
+            chunk (no fp32 N x D dX); then the low-memory plan, which recomputes the logits once
+            more (4 matmuls instead of 3) and keeps only fp32 tiles. Every gradient is still
+            summed in fp32 and rounded once; what is rounded in forward (dX, and in the
+            low-memory plan dW) is multiplied by grad_output in backward, exact when that is a
+            power of two (such as 1). Not with chunk_size or process_group.
         check_labels: reject labels outside [0, V) that are not ignore_index. This costs one
             host synchronisation per call; with False such a label gives a NaN loss instead.
         backend: "triton" (the fused kernel; CUDA, or CPU under TRITON_INTERPRET=1), "torch"
