@@ -145,8 +145,7 @@ def run_chunks(
         plan_v = -(-shard.total // shard.world)
         chunk = opts.chunk_size or auto_chunk_size(N, plan_v, x.shape[1], x.device, opts.backend, False)
         stats = torch.empty((min(chunk, N), 4), dtype=torch.float32, device=x.device) if loss is not None else None
-    ce_chunk = kernels.ce_chunk if opts.backend == "triton" else torch_impl.ce_chunk
-    fold = _fold(opts.backend)
+    ce_chunk, fold = _ops(opts.backend)
     per_token_scale = grad_scale is not None and grad_scale.numel() != 1
     # A V that is not a multiple of 64 (GPT-2's 50257) pushes cuBLAS off its fast kernels: the
     # logits and dX matmuls ran 5-7x slower on an H100. So W is padded with zero rows (a copy of
@@ -230,8 +229,7 @@ def run_vocab_blocks(
     dW (db) is summed in an fp32 tile and rounded once into dw (db), times out_scale.
     """
     N, V, D = x.shape[0], w.shape[0], x.shape[1]
-    ce_chunk = kernels.ce_chunk if opts.backend == "triton" else torch_impl.ce_chunk
-    fold = _fold(opts.backend)
+    ce_chunk, fold = _ops(opts.backend)
     per_token_scale = grad_scale.numel() != 1
     rows_max, tokens_max = min(plan.block_rows, V), min(plan.block_tokens, N)
     f32 = dict(dtype=torch.float32, device=x.device)
@@ -276,12 +274,14 @@ def run_vocab_blocks(
             _round_into(db[v0 : v0 + rows], acc_b[:rows], out_scale)
 
 
-def _fold(backend: str):
-    """dst rows += coef * src rows (the gradient's target entries): the Triton kernel (atomic,
-    no temporaries) unless deterministic algorithms are requested."""
-    if backend == "triton" and not torch.are_deterministic_algorithms_enabled():
-        return kernels.fold
-    return torch_impl.fold
+def _ops(backend: str):
+    """(ce_chunk, fold) of the backend. fold, dst rows += coef * src rows (the gradient's target
+    entries), is the Triton kernel (atomic, no temporaries) unless deterministic algorithms are
+    requested."""
+    if backend != "triton":
+        return torch_impl.ce_chunk, torch_impl.fold
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    return kernels.ce_chunk, torch_impl.fold if deterministic else kernels.fold
 
 
 def _round_into(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor | None) -> None:
@@ -448,7 +448,7 @@ def _plan(opts: Options, x, w, dtypes, need) -> budget.Plan | None:
         fp32_dw=fp32[1],
         fp32_db=fp32[2],
         vocab_pass=need[1] or need[2],
-        fold_temps=kernels is None or _fold(opts.backend) is not kernels.fold,
+        fold_temps=_ops(opts.backend)[1] is torch_impl.fold,
     )
 
 

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import torch_impl
+
 
 @triton.jit
 def _transform(z, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
@@ -269,9 +271,7 @@ def fold(
     if n == 0:
         return
     if src.stride(1) != 1 or dst.stride(1) != 1:  # the kernel reads rows of unit column stride
-        from .torch_impl import fold as torch_fold
-
-        return torch_fold(dst, dst_index, src, src_index, coef)
+        return torch_impl.fold(dst, dst_index, src, src_index, coef)
     block_d = min(triton.next_power_of_2(D), 1024)
     index = dst_index if dst_index is not None else src_index
     _fold_kernel[(n, triton.cdiv(D, block_d))](

@@ -18,8 +18,11 @@ db_r stay local, and dX_r = dlogits_r @ W_r is this shard's part of dX, summed o
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 import torch.distributed as dist
+
+from . import torch_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +78,9 @@ def combine(stats: torch.Tensor, targets: torch.Tensor, loss, lse, shard: Shard,
     sums[:, 0] = torch.exp(stats[:, 1] + (m_r - m))
     dist.all_reduce(sums, group=shard.group)
     log_s, u_sum, u_y = torch.log(sums[:, 0]), sums[:, 1], sums[:, 2]
-    lse.copy_(m + log_s)
-    eps = opts.label_smoothing
-    per_token = (1.0 - eps) * ((m - u_y) + log_s) + eps * ((m - u_sum / shard.total) + log_s)
-    per_token = per_token + opts.z_loss * lse * lse
-    targets = targets.long()
-    valid = (targets >= 0) & (targets < shard.total)
-    per_token = torch.where(valid, per_token, float("nan"))
-    loss.copy_(torch.where(targets == opts.ignore_index, 0.0, per_token))
+    torch_impl.token_loss(
+        m, log_s, u_sum, u_y, targets, loss, lse, shard.total, opts.ignore_index, opts.label_smoothing, opts.z_loss
+    )
 
 
 def reduce_hidden_grad(dx: torch.Tensor | None, shard: Shard | None) -> None:

@@ -18,6 +18,20 @@ def transform(z: torch.Tensor, logit_scale: float, softcap: float | None) -> tor
     return u
 
 
+def token_loss(m, log_s, u_sum, u_y, targets, loss, lse, vocab_total, ignore_index, label_smoothing, z_loss):
+    """Per-token loss and lse from the row's max m, log_s = log sum exp(u - m), the sum of u and
+    the target's u (all fp32 [rows]); written into loss and lse. Also combines the shards'
+    statistics in fused_cel.parallel. (m - u_y) + log_s, as log_softmax forms it: no
+    cancellation for the likeliest class."""
+    lse.copy_(m + log_s)
+    per_token = (1.0 - label_smoothing) * ((m - u_y) + log_s)
+    per_token = per_token + label_smoothing * ((m - u_sum / vocab_total) + log_s)
+    per_token = per_token + z_loss * lse * lse
+    targets = targets.long()
+    per_token = torch.where((targets >= 0) & (targets < vocab_total), per_token, float("nan"))
+    loss.copy_(torch.where(targets == ignore_index, 0.0, per_token))
+
+
 def ce_chunk(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -57,13 +71,9 @@ def ce_chunk(
         if stats is not None:  # this shard's partial statistics, combined by fused_cel.parallel
             stats.copy_(torch.stack([m, log_s, u.sum(dim=-1), u_y], dim=1))
         else:
-            # (m - u_y) + log_s, as log_softmax forms it: no cancellation for the likeliest class.
-            lse.copy_(m + log_s)
-            per_token = (1.0 - label_smoothing) * ((m - u_y) + log_s)
-            per_token = per_token + label_smoothing * ((m - u.sum(dim=-1) / vocab_total) + log_s)
-            per_token = per_token + z_loss * lse * lse
-            per_token = torch.where(valid, per_token, float("nan"))
-            loss.copy_(torch.where(ignored, 0.0, per_token))
+            token_loss(
+                m, log_s, u.sum(dim=-1), u_y, targets, loss, lse, vocab_total, ignore_index, label_smoothing, z_loss
+            )
 
     if write_grad:
         # dlogits = d + target_grad * onehot(targets): the target entry stays in fp32 (kernels.py).
