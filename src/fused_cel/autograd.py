@@ -1,4 +1,4 @@
-"""The chunk loop and the autograd.Function.
+"""The chunk loop, and the forward and backward work of the op (fused_cel.op wraps them).
 
 For each chunk of tokens:  logits = X_c @ W.T (+ b)   -> a preallocated [chunk, V] buffer
                            loss, lse, and d(loss)/d(logits) in place   (kernels / torch_impl)
@@ -10,10 +10,10 @@ buffer holds every entry but the target's (written 0), and the target entry (one
 token) is folded in without rounding, as the gathers/scatters dX_c += a * W[y], dW[y] += a * X_c.
 
 For reduction "mean" and "sum" all of this runs in forward, and backward only multiplies the
-saved gradients by the scalar grad_output (times 1/n for the mean). For
+saved gradients by the scalar grad_output (times 1/n for the mean): forward, scale_grads. For
 reduction "none" the per-token grad_output is needed inside the loop, so forward computes only the
-loss (and keeps the per-token log-sum-exp) and backward runs the loop again: one extra logits
-matmul, documented in the README.
+loss (and keeps the per-token log-sum-exp) and backward runs the loop again (backward_none): one
+extra logits matmul, documented in the README.
 
 Precision policy: the logits buffer and the dense part of its gradient are in the compute dtype,
 like plain PyTorch's logits and the gradient it feeds to the linear layer; the gradient's target
@@ -313,136 +313,132 @@ def _cast_into(src: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
     return torch.mul(src, scale, out=out)
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Autograd glue. Inputs are flattened: hidden [N, D], labels (targets, shift applied) [N]."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, divisor, opts: Options, compute_dtype, shard=None):
-        x, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-        b = None if bias is None else bias.to(compute_dtype)
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        N, V = x.shape[0], w.shape[0]
-        f32 = dict(dtype=torch.float32, device=x.device)
-        loss = torch.empty(N, **f32)
-        lse = torch.empty(N, **f32)
-        ctx.opts, ctx.compute_dtype, ctx.shard = opts, compute_dtype, shard
-        ctx.dx_rounded = False  # dX already rounded (times 1/divisor) in forward
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-
-        if opts.reduction == "none":
-            plan = _plan(opts, x, w, ctx.dtypes, (False, False, False))
-            run_chunks(x, w, b, targets, _with_plan(opts, plan), loss=loss, lse=lse, shard=shard, pad=_pad(plan))
-            ctx.save_for_backward(hidden, weight, bias, targets, lse)
-            return loss
-
-        # The chunk holds the unscaled gradient (entries in [-1, 1]: no fp16 underflow of p / n);
-        # the mean's 1/divisor joins grad_output in backward, in fp32.
-        ones = torch.ones((), **f32)
-        plan = _plan(opts, x, w, ctx.dtypes, (need_dx, need_dw, need_db))
-        if plan is not None and plan.low_memory:
-            # The gradients are rounded in forward (times 1/divisor); backward multiplies them by
-            # grad_output, which is exact when it is a power of two (1, 1/accumulation steps).
-            out_scale = None if divisor is None else 1.0 / divisor
-            ctx.grads = _low_memory_grads(ctx, x, w, b, targets, plan, loss, lse, ones, out_scale)
-            ctx.divisor = None
-            return _reduce(loss, opts.reduction, divisor)
-        opts = _with_plan(opts, plan)
-        # plan.round_dx: dX rounded chunk by chunk (times 1/divisor) into its own dtype; backward
-        # multiplies it by grad_output alone.
-        ctx.dx_rounded = bool(need_dx and plan is not None and plan.round_dx)
-        dx_dtype = ctx.dtypes[0] if ctx.dx_rounded else torch.float32
-        dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device) if need_dx else None
-        dw = torch.empty(w.shape, **f32) if need_dw else None
-        db = torch.empty(V, **f32) if need_db else None
-        run_chunks(
-            x,
-            w,
-            b,
-            targets,
-            opts,
-            loss=loss,
-            lse=lse,
-            grad_scale=ones,
-            dx=dx,
-            dw=dw,
-            db=db,
-            out_scale=None if divisor is None or not ctx.dx_rounded else 1.0 / divisor,
-            shard=shard,
-            pad=_pad(plan),
-        )
-        parallel.reduce_hidden_grad(dx, shard)
-        ctx.grads, ctx.divisor = (dx, dw, db), divisor
-        return _reduce(loss, opts.reduction, divisor)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        if ctx.opts.reduction == "none":
-            grads = _backward_recompute(ctx, grad_out)
-        else:
-            if ctx.grads is None:
-                raise RuntimeError(
-                    "fused_cel: backward ran twice through the same loss; the gradients are "
-                    "consumed by the first backward (retain_graph=True is not supported)"
-                )
-            scale = grad_out if ctx.divisor is None else grad_out / ctx.divisor
-            scales = (grad_out if ctx.dx_rounded else scale, scale, scale)
-            grads = tuple(
-                None if g is None else _cast_into(g, sc, dtype) for g, sc, dtype in zip(ctx.grads, scales, ctx.dtypes)
-            )
-            ctx.grads = None
-        return (*grads, None, None, None, None, None)
+Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
 
 
-def _backward_recompute(ctx, grad_out):
-    """reduction="none": rerun the chunk loop with each token's grad_output as its scale."""
-    hidden, weight, bias, targets, lse = ctx.saved_tensors
-    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    cdt = ctx.compute_dtype
-    x, w = hidden.to(cdt), weight.to(cdt)
-    b = None if bias is None else bias.to(cdt)
-    scale = grad_out.reshape(-1).float().contiguous()
-    plan = _plan(ctx.opts, x, w, ctx.dtypes, (need_dx, need_dw, need_db))
-    if plan is not None and plan.low_memory:
-        grads = _low_memory_grads(ctx, x, w, b, targets, plan, None, lse, scale, None)
-        return tuple(None if g is None else _cast_into(g, None, dtype) for g, dtype in zip(grads, ctx.dtypes))
+def forward(hidden, weight, bias, targets, divisor, opts: Options, compute_dtype, need, shard=None):
+    """The forward op's work: (loss, lse, grads). hidden [N, D] and targets [N] are flattened
+    (shift applied); hidden, weight and bias come in their own dtypes and run in compute_dtype.
+
+    loss is reduced as opts.reduction says; lse [N] is what reduction "none" keeps for backward.
+    For "mean" and "sum", grads holds dX, dW, db where ``need`` asks for them (else None), laid
+    out as grad_layout says, for scale_grads to finish in backward. For "none", or when no
+    gradient is needed, only the loss runs (one pass per chunk, no gradient buffers).
+    """
+    x, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+    b = None if bias is None else bias.to(compute_dtype)
     f32 = dict(dtype=torch.float32, device=x.device)
-    dx_dtype = ctx.dtypes[0] if plan is not None and plan.round_dx else torch.float32
-    dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device) if need_dx else None
-    dw = torch.empty(w.shape, **f32) if need_dw else None
-    db = torch.empty(w.shape[0], **f32) if need_db else None
-    opts = _with_plan(ctx.opts, plan)
+    loss, lse = torch.empty(x.shape[0], **f32), torch.empty(x.shape[0], **f32)
+    if opts.reduction == "none" or not any(need):
+        plan = _plan(opts, hidden, weight, bias, compute_dtype, (False, False, False))
+        run_chunks(x, w, b, targets, _with_plan(opts, plan), loss=loss, lse=lse, shard=shard, pad=_pad(plan))
+        return _reduce(loss, opts.reduction, divisor), lse, (None, None, None)
+    # The chunk holds the unscaled gradient (entries in [-1, 1]: no fp16 underflow of p / n);
+    # the mean's 1/divisor joins grad_output in backward, in fp32, except in the gradients that
+    # the plan rounds in forward (times 1/divisor).
+    plan, dtypes, prescaled = grad_layout(opts, hidden, weight, bias, compute_dtype, need)
+    grads = empty_grads(x, w, need, dtypes)
+    out_scale = None if divisor is None or not prescaled[0] else 1.0 / divisor
+    ones = torch.ones((), **f32)
+    _run_plan(
+        x, w, b, targets, opts, plan, grads, loss=loss, lse=lse, grad_scale=ones, out_scale=out_scale, shard=shard
+    )
+    return _reduce(loss, opts.reduction, divisor), lse, grads
+
+
+def scale_grads(grads: Grads, prescaled, dtypes, grad_out: torch.Tensor, divisor: torch.Tensor | None) -> Grads:
+    """Backward of "mean" and "sum": forward's gradients times grad_output (and 1/divisor where
+    forward did not apply it), each rounded once to its own dtype. A gradient already in its
+    dtype is scaled in place: forward's buffers are consumed."""
+    scale = grad_out if divisor is None else grad_out / divisor
+    return tuple(
+        None if g is None else _cast_into(g, grad_out if pre else scale, dt)
+        for g, pre, dt in zip(grads, prescaled, dtypes)
+    )
+
+
+def backward_none(
+    grad_out, hidden, weight, bias, targets, lse, opts: Options, compute_dtype, need, shard=None
+) -> Grads:
+    """Backward of reduction "none": the chunk loop again, with each token's grad_output as its
+    scale; the gradients come back in their own dtypes (None where not needed)."""
+    x, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+    b = None if bias is None else bias.to(compute_dtype)
+    scale = grad_out.reshape(-1).float().contiguous()
+    plan, dtypes, _ = grad_layout(opts, hidden, weight, bias, compute_dtype, need)
+    grads = empty_grads(x, w, need, dtypes)
+    _run_plan(x, w, b, targets, opts, plan, grads, loss=None, lse=lse, grad_scale=scale, out_scale=None, shard=shard)
+    own = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, own))
+
+
+def grad_layout(opts: Options, hidden, weight, bias, compute_dtype, need):
+    """(plan, dtypes, prescaled) of the gradients the chunk loop writes: dtypes of dX, dW, db (fp32
+    accumulators, except that the plan may round dX, or dX and dW, into their own dtypes), and
+    which of them forward has already multiplied by 1/divisor (those it rounds)."""
+    plan = _plan(opts, hidden, weight, bias, compute_dtype, need)
+    f32 = torch.float32
+    if plan is not None and plan.low_memory:
+        return plan, (hidden.dtype, weight.dtype, f32), (True, True, True)
+    if plan is not None and plan.round_dx:
+        return plan, (hidden.dtype, f32, f32), (True, False, False)
+    return plan, (f32, f32, f32), (False, False, False)
+
+
+def empty_grads(x, w, need, dtypes) -> Grads:
+    """Uninitialised dX [N, D], dW [V, D], db [V] in dtypes, where need asks for them."""
+    shapes = (x.shape, w.shape, w.shape[:1])
+    return tuple(torch.empty(s, dtype=dt, device=x.device) if n else None for n, s, dt in zip(need, shapes, dtypes))
+
+
+def _run_plan(x, w, b, targets, opts, plan, grads: Grads, *, loss, lse, grad_scale, out_scale, shard) -> None:
+    """The chunk loop of a plan, writing grads (and loss, lse if loss is given). The low-memory
+    plan: a token pass (loss, dX), then a vocabulary pass (dW, db); each gradient is summed in
+    fp32 and rounded once, times out_scale. Otherwise one run_chunks (out_scale for a rounded dX)."""
+    dx, dw, db = grads
+    opts = _with_plan(opts, plan)
+    if plan is not None and plan.low_memory:
+        run_chunks(
+            x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=grad_scale, dx=dx, out_scale=out_scale, pad=False
+        )
+        if dw is not None or db is not None:
+            run_vocab_blocks(
+                x, w, b, targets, opts, plan, lse=lse, grad_scale=grad_scale, dw=dw, db=db, out_scale=out_scale
+            )
+        return
     run_chunks(
         x,
         w,
         b,
         targets,
         opts,
-        loss=None,
+        loss=loss,
         lse=lse,
-        grad_scale=scale,
+        grad_scale=grad_scale,
         dx=dx,
         dw=dw,
         db=db,
-        shard=ctx.shard,
+        out_scale=out_scale,
+        shard=shard,
         pad=_pad(plan),
     )
-    parallel.reduce_hidden_grad(dx, ctx.shard)
-    return tuple(None if g is None else _cast_into(g, None, dtype) for g, dtype in zip((dx, dw, db), ctx.dtypes))
+    parallel.reduce_hidden_grad(dx, shard)
 
 
-def _plan(opts: Options, x, w, dtypes, need) -> budget.Plan | None:
-    """The memory planner's choice under opts.memory_budget (None without a budget)."""
+def _plan(opts: Options, hidden, weight, bias, compute_dtype, need) -> budget.Plan | None:
+    """The memory planner's choice under opts.memory_budget (None without a budget). Reads only
+    shapes and dtypes, so the op's fake implementation gets the same plan."""
     if opts.memory_budget is None:
         return None
-    (N, D), V = x.shape, w.shape[0]
+    (N, D), V = hidden.shape, weight.shape[0]
+    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     fp32 = [n and dt != torch.float32 for n, dt in zip(need, dtypes)]
     return budget.plan(
         N,
         V,
         D,
-        x.element_size(),
-        auto_chunk=auto_chunk_size(N, V, D, x.device, opts.backend, need[1]),
+        compute_dtype.itemsize,
+        auto_chunk=auto_chunk_size(N, V, D, hidden.device, opts.backend, need[1]),
         budget=opts.memory_budget,
         fp32_dx=fp32[0],
         fp32_dw=fp32[1],
@@ -458,34 +454,6 @@ def _with_plan(opts: Options, plan: budget.Plan | None) -> Options:
 
 def _pad(plan: budget.Plan | None) -> bool:
     return plan is None or plan.pad
-
-
-def _low_memory_grads(ctx, x, w, b, targets, plan, loss, lse, grad_scale, out_scale):
-    """The low-memory plan: a token pass (loss if given, dX), then a vocabulary pass (dW, db).
-    dX and dW come back in their own dtypes, each summed in fp32 and rounded once; db (V
-    numbers) stays fp32 until backward rounds it."""
-    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-    dt_x, dt_w, _ = ctx.dtypes
-    dx = torch.empty(x.shape, dtype=dt_x, device=x.device) if need_dx else None
-    dw = torch.empty(w.shape, dtype=dt_w, device=x.device) if need_dw else None
-    db = torch.empty(w.shape[0], dtype=torch.float32, device=x.device) if need_db else None
-    opts = _with_plan(ctx.opts, plan)
-    run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=grad_scale, dx=dx, out_scale=out_scale, pad=False)
-    if need_dw or need_db:
-        run_vocab_blocks(
-            x, w, b, targets, opts, plan, lse=lse, grad_scale=grad_scale, dw=dw, db=db, out_scale=out_scale
-        )
-    return dx, dw, db
-
-
-def loss_only(x, w, b, targets, divisor, opts: Options, shard=None) -> torch.Tensor:
-    """No-grad fast path: one pass over each chunk, no gradient buffers."""
-    N = x.shape[0]
-    f32 = dict(dtype=torch.float32, device=x.device)
-    loss, lse = torch.empty(N, **f32), torch.empty(N, **f32)
-    plan = _plan(opts, x, w, (None, None, None), (False, False, False))
-    run_chunks(x, w, b, targets, _with_plan(opts, plan), loss=loss, lse=lse, shard=shard, pad=_pad(plan))
-    return _reduce(loss, opts.reduction, divisor)
 
 
 def _reduce(loss: torch.Tensor, reduction: str, divisor: torch.Tensor | None) -> torch.Tensor:

@@ -8,16 +8,16 @@ import os
 
 import torch
 
-from . import autograd, parallel
-from .autograd import LinearCrossEntropyFunction, Options
+from . import autograd, op, parallel
 
 _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "triton", "torch")
 
 
-# torch.compile: the op runs eagerly (one graph break at the loss). Dynamo would otherwise trace
-# into the chunk loop and the label check's host sync; a custom_op wrapper is the later fix.
-@torch.compiler.disable
+# torch.compile traces this function (argument checks, shift, divisor: plain tensor ops) and sees
+# the chunked computation as one opaque custom op, fused_cel::linear_cross_entropy (fused_cel.op):
+# no graph break, fullgraph=True works. Only the vocab-parallel layout's all-gather (process_group
+# without vocab_start and vocab_size) runs outside the graph.
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -95,7 +95,7 @@ def linear_cross_entropy(
         backward twice through one loss (retain_graph=True) is not supported.
     """
     _check_tensors(hidden, weight, labels, bias)
-    opts = Options(
+    options = dict(
         **check_options(
             ignore_index=ignore_index,
             reduction=reduction,
@@ -125,22 +125,13 @@ def linear_cross_entropy(
         shard = parallel.make_shard(
             process_group, V, x.shape[0], hidden.device, vocab_start, vocab_size, reduce_hidden_grad
         )
-        V = shard.total
     targets = labels
     if shift:  # a shifted copy of the int labels only: hidden and logits are never copied
         targets = torch.full_like(labels, ignore_index)
         targets[..., :-1] = labels[..., 1:]
     targets = targets.reshape(-1)
-    if check_labels:
-        _check_label_range(targets, V, ignore_index)
     divisor = _divisor(num_items, reduction, targets, ignore_index)
-
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if needs_grad:
-        loss = LinearCrossEntropyFunction.apply(x, weight, bias, targets, divisor, opts, compute_dtype, shard)
-    else:
-        b = None if bias is None else bias.to(compute_dtype)
-        loss = autograd.loss_only(x.to(compute_dtype), weight.to(compute_dtype), b, targets, divisor, opts, shard)
+    loss = op.linear_cross_entropy(x, weight, bias, targets, divisor, options, compute_dtype, check_labels, shard)
     if reduction == "none":
         loss = loss.view(labels.shape)
         if shift:
@@ -302,17 +293,6 @@ def _compute_dtype(hidden, weight, bias) -> torch.dtype:
                 f"hidden ({hidden.dtype}) and {name} ({t.dtype}) must have the same dtype outside torch.autocast"
             )
     return hidden.dtype
-
-
-def _check_label_range(targets: torch.Tensor, V: int, ignore_index: int) -> None:
-    if targets.numel() == 0:
-        return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-    if bad.any():  # the one host synchronisation of a call
-        value = int(targets[bad][0])
-        raise ValueError(
-            f"label {value} is out of range: labels must be in [0, V) = [0, {V}) or equal ignore_index ({ignore_index})"
-        )
 
 
 def check_num_items(num_items, reduction: str):
