@@ -303,12 +303,12 @@ def _shard_chunk(ce_chunk, logits, targets, loss, lse, grad_scale, target_grad, 
         ce_chunk(logits, targets, None, lse, grad_scale, target_grad, compute_lse=False, write_grad=True, **kw)
 
 
-def _cast_into(src: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """src * scale (if given) rounded once to dtype; reuses src's storage when no cast is needed."""
-    if scale is None:
-        return src.to(dtype)
+def _cast_into(src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """src * scale rounded once to dtype. When no cast is needed an eager call reuses src's storage;
+    traced for a compiled graph (src a fake or functional tensor) it computes out of place, and the
+    compiler reuses the buffer (AOTAutograd donates saved tensors to the backward graph)."""
     if src.dtype == dtype:
-        return src.mul_(scale)
+        return src.mul_(scale) if type(src) is torch.Tensor else src * scale
     out = torch.empty(src.shape, dtype=dtype, device=src.device)
     return torch.mul(src, scale, out=out)
 
@@ -349,7 +349,7 @@ def forward(hidden, weight, bias, targets, divisor, opts: Options, compute_dtype
 def scale_grads(grads: Grads, prescaled, dtypes, grad_out: torch.Tensor, divisor: torch.Tensor | None) -> Grads:
     """Backward of "mean" and "sum": forward's gradients times grad_output (and 1/divisor where
     forward did not apply it), each rounded once to its own dtype. A gradient already in its
-    dtype is scaled in place: forward's buffers are consumed."""
+    dtype is scaled in place (_cast_into): forward's buffers, private to the op, are consumed."""
     scale = grad_out if divisor is None else grad_out / divisor
     return tuple(
         None if g is None else _cast_into(g, grad_out if pre else scale, dt)

@@ -181,7 +181,7 @@ def _real(name: str, value, *, lo=None, hi=None, lo_open=False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # not NaN or inf (math.isfinite cannot trace a symbolic float)
         raise ValueError(f"{name} must be finite, got {value}")
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
@@ -307,7 +307,7 @@ def check_num_items(num_items, reduction: str):
         return num_items
     if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real):
         raise TypeError(f"num_items must be a number, a one-element tensor or None, got {type(num_items).__name__}")
-    if not (math.isfinite(num_items) and num_items > 0):
+    if not 0 < num_items < math.inf:  # also rejects NaN; math.isfinite cannot trace a symbolic number
         raise ValueError(f"num_items must be finite and > 0, got {num_items}")
     return num_items
 
