@@ -34,9 +34,19 @@ def leaves(tensors, dtype, trainable):
 
 
 def run_case(
-    inputs, dtype, backend, opts, *, chunk_size=None, use_bias=True, trainable=(True, True, True), grad_scale=3.7
+    inputs,
+    dtype,
+    backend,
+    opts,
+    *,
+    chunk_size=None,
+    use_bias=True,
+    trainable=(True, True, True),
+    grad_scale=3.7,
+    fn=linear_cross_entropy,
 ):
-    """Check loss and gradients of one configuration; return our loss for further checks."""
+    """Check loss and gradients of one configuration; return our loss for further checks.
+    fn: linear_cross_entropy, or a compiled version of it (test_compile)."""
     hidden, weight, bias, labels = inputs
     bias = bias if use_bias else None
     ref_opts = {k: v for k, v in opts.items() if k in LOSS_OPTS}
@@ -46,7 +56,7 @@ def run_case(
             (loss * g).sum().backward()
 
     ours_in = leaves((hidden, weight, bias), dtype, trainable)
-    loss = linear_cross_entropy(*ours_in[:2], labels, ours_in[2], chunk_size=chunk_size, backend=backend, **opts)
+    loss = fn(*ours_in[:2], labels, ours_in[2], chunk_size=chunk_size, backend=backend, **opts)
     g = torch.randn(loss.shape, device=DEVICE) if loss.dim() else torch.tensor(grad_scale, device=DEVICE)
     backward(loss, g)
 
@@ -261,15 +271,32 @@ def test_backward_twice_is_a_clear_error(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_twice_with_reduction_none(backend):
+    """reduction="none" keeps its inputs, not gradients: retain_graph=True works (eager mode)."""
+    hidden, weight, bias, labels = make_inputs((5,), 16, 100)
+    w = weight.requires_grad_()
+    loss = linear_cross_entropy(hidden, w, labels, bias, reduction="none", backend=backend)
+    loss.sum().backward(retain_graph=True)
+    once = w.grad.clone()
+    loss.sum().backward()
+    torch.testing.assert_close(w.grad, 2 * once, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_fp32_params(backend):
-    """fp32 parameters under autocast: bf16 compute, fp32 gradients, as good as plain autocast."""
+    check_autocast(linear_cross_entropy, backend)
+
+
+def check_autocast(fn, backend):
+    """fp32 parameters under autocast: bf16 compute, fp32 gradients, as good as plain autocast.
+    fn: linear_cross_entropy, or a compiled version of it (test_compile). Returns our results."""
     device_type = DEVICE.type
     hidden, weight, bias, labels = make_inputs((3, 12), 40, 300)
     trainable = (True, True, True)
     ours_in = leaves((hidden, weight, bias), torch.float32, trainable)
     base_in = leaves((hidden, weight, bias), torch.float32, trainable)
     with torch.autocast(device_type, dtype=torch.bfloat16):
-        loss = linear_cross_entropy(*ours_in[:2], labels, ours_in[2], backend=backend, chunk_size=8)
+        loss = fn(*ours_in[:2], labels, ours_in[2], backend=backend, chunk_size=8)
         base = linear_cross_entropy_reference(*base_in[:2], labels, base_in[2])
     loss.backward()
     base.backward()
@@ -280,6 +307,7 @@ def test_autocast_fp32_params(backend):
     for name, o, b, r in zip(("d_hidden", "d_weight", "d_bias"), ours_in, base_in, ref_in):
         assert o.grad.dtype == torch.float32
         assert_close_to_baseline(name, o.grad, b.grad, r.grad, torch.bfloat16, labels.numel())
+    return (hidden, weight, bias, labels), [loss.detach()] + [t.grad for t in ours_in]
 
 
 def test_module_matches_functional():
@@ -351,15 +379,19 @@ def test_confident_tokens(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inside_torch_compile(backend):
-    """A compiled model that ends in the loss still works and gives the eager gradients."""
+    """A compiled model that ends in the loss is one graph (the loss is one custom op,
+    fused_cel.op), compiles with fullgraph=True and gives the eager gradients (more: test_compile)."""
     hidden, weight, bias, labels = make_inputs((2, 16), 24, 300)
 
     def model(h, w):
         return linear_cross_entropy(torch.tanh(h) * 2, w, labels, softcap=5.0, shift=True, backend=backend)
 
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(hidden.requires_grad_(), weight.requires_grad_())
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     results = []
-    for fn in (model, torch.compile(model, backend="aot_eager", fullgraph=False)):
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    for fn in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
         loss = fn(h, w)
         loss.backward()
         results.append((loss.detach(), h.grad, w.grad))

@@ -20,6 +20,7 @@ Two algorithms (autograd.py runs both):
 from __future__ import annotations
 
 import dataclasses
+import math
 
 MIB = 2**20
 
@@ -35,7 +36,7 @@ class Plan:
 
 
 def _floor(n: float, multiple: int) -> int:
-    n = int(n)
+    n = math.trunc(n)  # int(n), but with symbolic sizes (torch.compile) no guard on its value
     return n // multiple * multiple if n >= multiple else n
 
 
