@@ -183,3 +183,31 @@ def test_bad_input_fails_on_every_rank(world_run):
         tokens_msg, start_msg = res["errors"]
         assert tokens_msg is not None and "same tokens" in tokens_msg, f"rank {r}: {tokens_msg}"
         assert start_msg is not None and "must lie in the vocabulary" in start_msg, f"rank {r}: {start_msg}"
+
+
+def _compiled_rank_work(rank, world, inputs):
+    """This rank's loss and gradients, eager and under torch.compile (aot_eager), for reduction
+    "mean" and "none": with vocab_start and vocab_size given (fullgraph=True; the group reaches
+    the custom op by its name), and derived (an all-gather and a host sync: a graph break)."""
+    hidden, weight, bias, labels, grads = inputs
+    lo, hi = BOUNDS[world][rank], BOUNDS[world][rank + 1]
+    results = {}
+    for layout, fullgraph, kw in (("explicit", True, dict(vocab_start=lo, vocab_size=V)), ("derived", False, {})):
+        for case in ("mean", "everything_none"):
+            torch._dynamo.reset()
+            compiled = torch.compile(fused_cel.linear_cross_entropy, backend="aot_eager", fullgraph=fullgraph)
+            for name, fn in (("eager", fused_cel.linear_cross_entropy), ("compiled", compiled)):
+                x, w, b = (t.clone().requires_grad_() for t in (hidden, weight[lo:hi], bias[lo:hi]))
+                loss = fn(x, w, labels[case], b, process_group=dist.group.WORLD, backend="torch", **CASES[case], **kw)
+                (loss * grads[case]).sum().backward()
+                results[layout, case, name] = [loss.detach(), x.grad, w.grad, b.grad]
+    return results
+
+
+def test_compiled_vocab_parallel():
+    inputs = make_inputs(int.from_bytes(os.urandom(4), "little"))
+    for rank in run_group(_compiled_rank_work, 2, inputs, timeout=120):
+        for layout in ("explicit", "derived"):
+            for case in ("mean", "everything_none"):
+                eager, compiled = rank[layout, case, "eager"], rank[layout, case, "compiled"]
+                torch.testing.assert_close(compiled, eager, rtol=0, atol=0, msg=f"{layout}, {case}")

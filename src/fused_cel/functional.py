@@ -16,8 +16,8 @@ _BACKENDS = ("auto", "triton", "torch")
 
 # torch.compile traces this function (argument checks, shift, divisor: plain tensor ops) and sees
 # the chunked computation as one opaque custom op, fused_cel::linear_cross_entropy (fused_cel.op):
-# no graph break, fullgraph=True works. Only the vocab-parallel layout's all-gather (process_group
-# without vocab_start and vocab_size) runs outside the graph.
+# no graph break, fullgraph=True works. The one exception: with process_group but without
+# vocab_start and vocab_size, deriving them (an all-gather read on the host) breaks the graph.
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
