@@ -83,8 +83,9 @@ def forward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, lse, dx, dw, db) of hidden [N, D], weight [V, D], bias [V], targets [N], the mean's
     divisor (or None): autograd.forward, with placeholders for gradients it does not return."""
-    config = (ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size, memory_budget)
-    opts = autograd.Options(*config, backend=backend)
+    opts = autograd.Options(
+        ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size, memory_budget, backend
+    )
     shard = _shard(group_name, vocab_start, vocab_total, reduce_hidden_grad)
     need = (need_dx, need_dw, need_db)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -94,12 +95,17 @@ def forward_op(
     return loss, lse, *_placeholders(grads, hidden.device)
 
 
+# Both ops take, after their tensors, the 9 fields of autograd.Options in order, the compute
+# dtype and the 4 of the shard (14 in all); the forward op then check_labels, and both need_dx,
+# need_dw, need_db.
+def _options(args) -> tuple[autograd.Options, torch.dtype]:
+    return autograd.Options(*args[:9]), args[9]
+
+
 @forward_op.register_fake
 def _forward_fake(hidden, weight, bias, targets, divisor, *args):
     """Shapes and dtypes of forward_op's results; the gradients' dtypes depend on the plan."""
-    *config, backend, compute_dtype, _, _, _, _, _, need_dx, need_dw, need_db = args
-    opts = autograd.Options(*config, backend=backend)
-    need = (need_dx, need_dw, need_db)
+    (opts, compute_dtype), need = _options(args), args[-3:]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     loss = torch.empty(hidden.shape[:1] if opts.reduction == "none" else (), **f32)
     grads = (None, None, None)
@@ -113,14 +119,12 @@ def _setup_context(ctx, inputs, output):
     """Save what backward needs: for "mean" and "sum" forward's gradients (consumed by the
     one backward), for "none" the inputs and the per-token log-sum-exp."""
     hidden, weight, bias, targets, divisor, *args = inputs
-    *config, backend, compute_dtype, _, _, _, _, _, need_dx, need_dw, need_db = args
     _, lse, *grads = output
     ctx.mark_non_differentiable(lse, *grads)
     ctx.set_materialize_grads(False)
-    ctx.args, ctx.need, ctx.n_inputs = args[:-4], (need_dx, need_dw, need_db), len(inputs)
+    (opts, compute_dtype), ctx.need = _options(args), tuple(args[-3:])
+    ctx.config, ctx.n_inputs, ctx.reduction = args[:14], len(inputs), opts.reduction
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    opts = autograd.Options(*config, backend=backend)
-    ctx.reduction = opts.reduction
     if opts.reduction == "none":
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         return
@@ -134,7 +138,7 @@ def _backward(ctx, grad_loss, *_):
     """Gradients of hidden, weight and bias (None for the others)."""
     if ctx.reduction == "none":
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        grads = backward_op(grad_loss, hidden, weight, bias, targets, lse, *ctx.args, *ctx.need)
+        grads = backward_op(grad_loss, hidden, weight, bias, targets, lse, *ctx.config, *ctx.need)
         grads = tuple(g if n else None for g, n in zip(grads, ctx.need))
     else:
         if ctx.consumed:
@@ -179,8 +183,9 @@ def backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw, db) of reduction "none" for the per-token grad [N], in their own dtypes:
     autograd.backward_none, with placeholders for gradients not needed."""
-    config = (ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size, memory_budget)
-    opts = autograd.Options(*config, backend=backend)
+    opts = autograd.Options(
+        ignore_index, reduction, label_smoothing, z_loss, softcap, logit_scale, chunk_size, memory_budget, backend
+    )
     shard = _shard(group_name, vocab_start, vocab_total, reduce_hidden_grad)
     need = (need_dx, need_dw, need_db)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -190,6 +195,7 @@ def backward_op(
 
 @backward_op.register_fake
 def _backward_fake(grad, hidden, weight, bias, targets, lse, *args):
+    """dx, dw, db in their tensors' shapes and dtypes, where needed."""
     need = args[-3:]
     grads = tuple(torch.empty_like(t) if n else None for t, n in zip((hidden, weight, bias), need))
     return _placeholders(grads, hidden.device)
