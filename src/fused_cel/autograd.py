@@ -208,6 +208,126 @@ def run_chunks(
             db.index_add_(0, y, tg)
 
 
+def run_token_blocks(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    targets: torch.Tensor,
+    opts: Options,
+    plan: budget.Plan,
+    *,
+    loss: torch.Tensor | None,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor | None = None,
+    dx: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+) -> None:
+    """The low-memory plan's token pass: loss, lse and dX with a chunk x block buffer, never a
+    row of the whole vocabulary (whose chunk would be a few hundred tokens at 64 MiB, so that the
+    matmuls re-read W for every one of them).
+
+    plan.chunk tokens at a time, W in blocks of plan.block_vocab rows. Per block: the logits, their
+    statistics merged into running ones (max m, s = sum exp(u - m), sum of u, target logit), and,
+    if dX is wanted, the block overwritten with P = exp(u - m) du/dz (its target column 0) and
+    A = A * exp(m_old - m) + P @ W_block: the online softmax of flash attention, with W as both
+    keys and values. At the end lse = m + log s and, with e = scale * eps / V (label smoothing),
+        dX_t = scale (1 + 2c lse) / s * A_t - e * sum_v W_v + (target_grad_t + e) * W_y
+    summed in fp32 and rounded once into dx (times out_scale). The eps term needs du/dz to be the
+    same for every column: not with softcap (autograd then uses run_chunks).
+    ``loss`` None: the loss and lse are recomputed but not written (backward knows them).
+    """
+    N, V, D = x.shape[0], w.shape[0], x.shape[1]
+    ce_chunk, fold = _ops(opts.backend)
+    eps, z, cap, ls = opts.label_smoothing, opts.z_loss, opts.softcap, opts.logit_scale
+    if dx is not None and eps and cap is not None:
+        raise ValueError("run_token_blocks: softcap with label smoothing needs run_chunks")
+    tokens_max, cols_max = min(plan.chunk, N), min(plan.block_vocab, V)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    buf = torch.empty(tokens_max * cols_max, dtype=x.dtype, device=x.device)
+    stats = torch.empty((tokens_max, 4), **f32)
+    acc = torch.empty((tokens_max, D), **f32) if dx is not None else None
+    scratch = torch.empty((4, tokens_max), **f32)  # loss/lse when not kept, target grads not used
+    ones = torch.ones((), **f32)
+    colsum = w.sum(0, dtype=torch.float32) if dx is not None and eps else None
+    for t0 in range(0, N, tokens_max):
+        n = min(t0 + tokens_max, N) - t0
+        xc, tt, a = x[t0 : t0 + n], targets[t0 : t0 + n], None if acc is None else acc[:n]
+        for v0 in range(0, V, cols_max):
+            cols = min(v0 + cols_max, V) - v0
+            logits, w_blk = buf[: n * cols].view(n, cols), w[v0 : v0 + cols]
+            if b is None:
+                torch.mm(xc, w_blk.t(), out=logits)
+            else:
+                torch.addmm(b[v0 : v0 + cols], xc, w_blk.t(), out=logits)
+            blk = stats[:n]
+            kw = dict(vocab_start=v0, vocab_total=V, ignore_index=opts.ignore_index, softcap=cap, logit_scale=ls)
+            ce_chunk(
+                logits,
+                tt,
+                None,
+                scratch[0, :n],
+                None,
+                None,
+                compute_lse=True,
+                write_grad=False,
+                stats=blk,
+                label_smoothing=eps,
+                z_loss=z,
+                **kw,
+            )
+            if v0 == 0:
+                m, s, u_sum, u_y = blk[:, 0].clone(), blk[:, 1].exp(), blk[:, 2].clone(), blk[:, 3].clone()
+            else:
+                m_new = torch.maximum(m, blk[:, 0])
+                alpha = torch.exp(m - m_new)
+                s = s * alpha + torch.exp(blk[:, 1] + (blk[:, 0] - m_new))
+                u_sum += blk[:, 2]
+                u_y += blk[:, 3]
+                m = m_new
+            if a is None:
+                continue
+            # P = exp(u - m) du/dz with the running max: the kernel's gradient pass with lse = m,
+            # no smoothing, no z-loss, scale 1 (P in [0, logit_scale]; its target column 0).
+            ce_chunk(
+                logits,
+                tt,
+                None,
+                m,
+                ones,
+                scratch[1, :n],
+                compute_lse=False,
+                write_grad=True,
+                label_smoothing=0.0,
+                z_loss=0.0,
+                **kw,
+            )
+            if v0 > 0:
+                a.mul_(alpha[:, None])
+            _mm(logits, w_blk, out=a, accumulate=v0 > 0)
+        log_s = torch.log(s)
+        keep = loss is not None
+        out_loss, out_lse = (loss[t0 : t0 + n], lse[t0 : t0 + n]) if keep else (scratch[2, :n], scratch[3, :n])
+        torch_impl.token_loss(m, log_s, u_sum, u_y, tt, out_loss, out_lse, V, opts.ignore_index, eps, z)
+        if a is None:
+            continue
+        y = tt.long()
+        valid = (y >= 0) & (y < V) & (y != opts.ignore_index)
+        scale = grad_scale[t0 : t0 + n] if grad_scale.numel() != 1 else grad_scale.reshape(1).expand(n)
+        scale = torch.where(valid, scale.float(), 0.0)
+        p_y = torch.exp((u_y - m) - log_s)
+        g_y = (1.0 - eps) * (p_y - 1.0) + eps * (p_y - 1.0 / V) + 2.0 * z * out_lse * p_y
+        if cap is not None:
+            g_y = g_y * (1.0 - (u_y / cap) ** 2)
+        g_y = g_y * scale * ls
+        a.mul_((scale * (1.0 + 2.0 * z * out_lse) / s)[:, None])
+        if colsum is not None:
+            e = scale * (ls * eps / V)
+            a.addr_(e, colsum, alpha=-1.0)
+            g_y = g_y + e
+        fold(a, None, w, y.clamp(0, V - 1), g_y)
+        _round_into(dx[t0 : t0 + n], a, out_scale)
+
+
 def run_vocab_blocks(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -274,6 +394,14 @@ def run_vocab_blocks(
             _round_into(db[v0 : v0 + rows], acc_b[:rows], out_scale)
 
 
+def _token_pass(x, w, b, targets, opts: Options, plan: budget.Plan | None, *, shard=None, **kw) -> None:
+    """The token pass of a plan: the vocabulary sweep (low memory) or the chunk loop."""
+    if plan is not None and plan.block_vocab:
+        run_token_blocks(x, w, b, targets, opts, plan, **kw)
+    else:
+        run_chunks(x, w, b, targets, _with_plan(opts, plan), shard=shard, pad=_pad(plan), **kw)
+
+
 def _ops(backend: str):
     """(ce_chunk, fold) of the backend. fold, dst rows += coef * src rows (the gradient's target
     entries), is the Triton kernel (atomic, no temporaries) unless deterministic algorithms are
@@ -331,7 +459,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
         if opts.reduction == "none":
             plan = _plan(opts, x, w, ctx.dtypes, (False, False, False))
-            run_chunks(x, w, b, targets, _with_plan(opts, plan), loss=loss, lse=lse, shard=shard, pad=_pad(plan))
+            _token_pass(x, w, b, targets, opts, plan, loss=loss, lse=lse, shard=shard)
             ctx.save_for_backward(hidden, weight, bias, targets, lse)
             return loss
 
@@ -449,6 +577,8 @@ def _plan(opts: Options, x, w, dtypes, need) -> budget.Plan | None:
         fp32_db=fp32[2],
         vocab_pass=need[1] or need[2],
         fold_temps=_ops(opts.backend)[1] is torch_impl.fold,
+        token_sweep=not (need[0] and opts.softcap is not None and opts.label_smoothing > 0),
+        fp32_dx_sum=need[0],
     )
 
 
@@ -469,8 +599,8 @@ def _low_memory_grads(ctx, x, w, b, targets, plan, loss, lse, grad_scale, out_sc
     dx = torch.empty(x.shape, dtype=dt_x, device=x.device) if need_dx else None
     dw = torch.empty(w.shape, dtype=dt_w, device=x.device) if need_dw else None
     db = torch.empty(w.shape[0], dtype=torch.float32, device=x.device) if need_db else None
+    _token_pass(x, w, b, targets, ctx.opts, plan, loss=loss, lse=lse, grad_scale=grad_scale, dx=dx, out_scale=out_scale)
     opts = _with_plan(ctx.opts, plan)
-    run_chunks(x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=grad_scale, dx=dx, out_scale=out_scale, pad=False)
     if need_dw or need_db:
         run_vocab_blocks(
             x, w, b, targets, opts, plan, lse=lse, grad_scale=grad_scale, dw=dw, db=db, out_scale=out_scale
@@ -484,7 +614,7 @@ def loss_only(x, w, b, targets, divisor, opts: Options, shard=None) -> torch.Ten
     f32 = dict(dtype=torch.float32, device=x.device)
     loss, lse = torch.empty(N, **f32), torch.empty(N, **f32)
     plan = _plan(opts, x, w, (None, None, None), (False, False, False))
-    run_chunks(x, w, b, targets, _with_plan(opts, plan), loss=loss, lse=lse, shard=shard, pad=_pad(plan))
+    _token_pass(x, w, b, targets, opts, plan, loss=loss, lse=lse, shard=shard)
     return _reduce(loss, opts.reduction, divisor)
 
 
