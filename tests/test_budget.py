@@ -149,7 +149,7 @@ def test_token_sweep_matches_whole_rows(backend):
     """In fp32 the sweep and the whole-row token pass agree to rounding."""
     hidden, weight, bias, labels = make_inputs((128,), 40, 300)
     opts = autograd.Options(backend=backend, label_smoothing=0.1, z_loss=1e-3, logit_scale=1.5)
-    N, D, V = 128, 40, 300
+    N, D = 128, 40
     scale, results = torch.rand(N, device=DEVICE) + 0.5, []
     for plan in (budget.Plan(chunk=48, low_memory=True, block_vocab=128), budget.Plan(chunk=48, low_memory=True)):
         loss, lse, dx = (torch.full(s, float("nan"), device=DEVICE) for s in ((N,), (N,), (N, D)))
@@ -181,7 +181,8 @@ def test_low_memory_grad_output(backend):
     exact for a power of two (4.0 here, as 1 or 1/accumulation steps), one more rounding
     otherwise (3.7: documented; the error stays within 1.5x the default plan's)."""
     inputs = make_inputs((4, 32), 40, 300)
-    run_case(inputs, torch.bfloat16, backend, {"memory_budget_mib": LOW}, grad_scale=4.0)
+    for g in (1.0, 4.0):  # 1: the backward's scaling kernel skips the pass
+        run_case(inputs, torch.bfloat16, backend, {"memory_budget_mib": LOW}, grad_scale=g)
     hidden, weight, bias, labels = inputs
     ref_in = [t.double().requires_grad_() for t in (hidden, weight)]
     (3.7 * linear_cross_entropy_reference(*ref_in, labels, compute_dtype=torch.float64)).backward()

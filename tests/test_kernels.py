@@ -89,3 +89,18 @@ def test_fold_matches_torch(scatter, dtype):
     kernels.fold(got, args[0], src, args[1], coef)
     torch_impl.fold(want, args[0], src.nan_to_num() if scatter else src, args[1], coef)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_scale_in_place(dtype):
+    """kernels.scale_ equals torch's in-place multiply (fp32 math, one rounding) over more than
+    one block, and with a scale of 1 leaves every bit as it was, NaN included."""
+    x = torch.randn(3 * 4096 + 77, device=DEVICE).to(dtype)
+    x[5] = float("nan")
+    for s in (0.37, 3.0, 1.0):
+        scale = torch.tensor([s], device=DEVICE)
+        got = kernels.scale_(x.clone(), scale)
+        want = x.clone().mul_(scale)
+        if s == 1.0:  # bit for bit
+            assert torch.equal(got.view(torch.uint8), x.view(torch.uint8))
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

@@ -431,11 +431,14 @@ def _shard_chunk(ce_chunk, logits, targets, loss, lse, grad_scale, target_grad, 
         ce_chunk(logits, targets, None, lse, grad_scale, target_grad, compute_lse=False, write_grad=True, **kw)
 
 
-def _cast_into(src: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """src * scale (if given) rounded once to dtype; reuses src's storage when no cast is needed."""
+def _cast_into(src: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """src * scale (if given) rounded once to dtype; reuses src's storage when no cast is needed
+    (then, on the Triton backend, a scale of 1 costs no pass over src)."""
     if scale is None:
         return src.to(dtype)
     if src.dtype == dtype:
+        if backend == "triton" and scale.numel() == 1:
+            return kernels.scale_(src, scale.reshape(1).float())
         return src.mul_(scale)
     out = torch.empty(src.shape, dtype=dtype, device=src.device)
     return torch.mul(src, scale, out=out)
@@ -516,7 +519,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             scale = grad_out if ctx.divisor is None else grad_out / ctx.divisor
             scales = (grad_out if ctx.dx_rounded else scale, scale, scale)
             grads = tuple(
-                None if g is None else _cast_into(g, sc, dtype) for g, sc, dtype in zip(ctx.grads, scales, ctx.dtypes)
+                None if g is None else _cast_into(g, sc, dtype, ctx.opts.backend)
+                for g, sc, dtype in zip(ctx.grads, scales, ctx.dtypes)
             )
             ctx.grads = None
         return (*grads, None, None, None, None, None)
@@ -533,7 +537,9 @@ def _backward_recompute(ctx, grad_out):
     plan = _plan(ctx.opts, x, w, ctx.dtypes, (need_dx, need_dw, need_db))
     if plan is not None and plan.low_memory:
         grads = _low_memory_grads(ctx, x, w, b, targets, plan, None, lse, scale, None)
-        return tuple(None if g is None else _cast_into(g, None, dtype) for g, dtype in zip(grads, ctx.dtypes))
+        return tuple(
+            None if g is None else _cast_into(g, None, dtype, ctx.opts.backend) for g, dtype in zip(grads, ctx.dtypes)
+        )
     f32 = dict(dtype=torch.float32, device=x.device)
     dx_dtype = ctx.dtypes[0] if plan is not None and plan.round_dx else torch.float32
     dx = torch.empty(x.shape, dtype=dx_dtype, device=x.device) if need_dx else None
@@ -556,7 +562,10 @@ def _backward_recompute(ctx, grad_out):
         pad=_pad(plan),
     )
     parallel.reduce_hidden_grad(dx, ctx.shard)
-    return tuple(None if g is None else _cast_into(g, None, dtype) for g, dtype in zip((dx, dw, db), ctx.dtypes))
+    return tuple(
+        None if g is None else _cast_into(g, None, dtype, ctx.opts.backend)
+        for g, dtype in zip((dx, dw, db), ctx.dtypes)
+    )
 
 
 def _plan(opts: Options, x, w, dtypes, need) -> budget.Plan | None:

@@ -286,3 +286,34 @@ def fold(
         DST_INDEXED=dst_index is not None,
         BLOCK_D=block_d,
     )
+
+
+@triton.jit
+def _scale_kernel(
+    x_ptr,  # *T [n]: scaled in place
+    scale_ptr,  # *fp32 [1]: the factor; 1 leaves x untouched without reading it
+    n,  # elements of x
+    BLOCK: tl.constexpr,  # elements per program
+    ROUND_BF16: tl.constexpr,  # round by bits (the CPU interpreter truncates)
+):
+    s = tl.load(scale_ptr)
+    if s != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * s
+        if ROUND_BF16:
+            x = _round_bf16(x)
+        tl.store(x_ptr + offs, x.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x *= scale (a one-element fp32 tensor) in place, rounded once; when scale is 1 (the usual
+    grad_output) the kernel reads only the scale, so an already-rounded gradient costs no pass
+    over its memory, and the host never looks at the value."""
+    if not x.is_contiguous() or x.numel() == 0:
+        return x.mul_(scale)
+    block = 4096
+    _scale_kernel[(triton.cdiv(x.numel(), block),)](
+        x, scale, x.numel(), BLOCK=block, ROUND_BF16=x.device.type == "cpu" and x.dtype == torch.bfloat16
+    )
+    return x
