@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (every closure is timed at once, inside its loop iteration)
 """Tuning probe for the low-memory plan on a GPU: its two passes timed apart, for several step
 shapes, and the planner's choice end to end (time and peak working memory).
 
