@@ -245,13 +245,17 @@ def run_token_blocks(
     f32 = dict(dtype=torch.float32, device=x.device)
     buf = torch.empty(tokens_max * cols_max, dtype=x.dtype, device=x.device)
     stats = torch.empty((tokens_max, 4), **f32)
+    alpha_buf = torch.empty(tokens_max, **f32)
     acc = torch.empty((tokens_max, D), **f32) if dx is not None else None
+    rescale = kernels.scale_rows_ if opts.backend == "triton" else lambda a, alpha: a.mul_(alpha[:, None])
     scratch = torch.empty((4, tokens_max), **f32)  # loss/lse when not kept, target grads not used
     ones = torch.ones((), **f32)
     colsum = w.sum(0, dtype=torch.float32) if dx is not None and eps else None
     for t0 in range(0, N, tokens_max):
         n = min(t0 + tokens_max, N) - t0
         xc, tt, a = x[t0 : t0 + n], targets[t0 : t0 + n], None if acc is None else acc[:n]
+        run, alpha = stats[:n], alpha_buf[:n]
+        run[:, 0], run[:, 1:] = float("-inf"), 0.0  # m, then s, sum of u, target logit
         for v0 in range(0, V, cols_max):
             cols = min(v0 + cols_max, V) - v0
             logits, w_blk = buf[: n * cols].view(n, cols), w[v0 : v0 + cols]
@@ -259,51 +263,17 @@ def run_token_blocks(
                 torch.mm(xc, w_blk.t(), out=logits)
             else:
                 torch.addmm(b[v0 : v0 + cols], xc, w_blk.t(), out=logits)
-            blk = stats[:n]
-            kw = dict(vocab_start=v0, vocab_total=V, ignore_index=opts.ignore_index, softcap=cap, logit_scale=ls)
-            ce_chunk(
-                logits,
-                tt,
-                None,
-                scratch[0, :n],
-                None,
-                None,
-                compute_lse=True,
-                write_grad=False,
-                stats=blk,
-                label_smoothing=eps,
-                z_loss=z,
-                **kw,
-            )
-            if v0 == 0:
-                m, s, u_sum, u_y = blk[:, 0].clone(), blk[:, 1].exp(), blk[:, 2].clone(), blk[:, 3].clone()
-            else:
-                m_new = torch.maximum(m, blk[:, 0])
-                alpha = torch.exp(m - m_new)
-                s = s * alpha + torch.exp(blk[:, 1] + (blk[:, 0] - m_new))
-                u_sum += blk[:, 2]
-                u_y += blk[:, 3]
-                m = m_new
+            # Running statistics continued over the block; P = exp(u - m) du/dz * logit_scale
+            # written over it (no smoothing, no z-loss: applied at the end; target column 0).
+            ce_chunk(logits, tt, None, scratch[0, :n], ones, scratch[1, :n], compute_lse=True, write_grad=a is not None,
+                     stats=run, alpha=alpha, label_smoothing=0.0, z_loss=0.0, vocab_start=v0, vocab_total=V,
+                     ignore_index=opts.ignore_index, softcap=cap, logit_scale=ls)  # fmt: skip
             if a is None:
                 continue
-            # P = exp(u - m) du/dz with the running max: the kernel's gradient pass with lse = m,
-            # no smoothing, no z-loss, scale 1 (P in [0, logit_scale]; its target column 0).
-            ce_chunk(
-                logits,
-                tt,
-                None,
-                m,
-                ones,
-                scratch[1, :n],
-                compute_lse=False,
-                write_grad=True,
-                label_smoothing=0.0,
-                z_loss=0.0,
-                **kw,
-            )
             if v0 > 0:
-                a.mul_(alpha[:, None])
+                rescale(a, alpha)
             _mm(logits, w_blk, out=a, accumulate=v0 > 0)
+        m, s, u_sum, u_y = run.unbind(1)
         log_s = torch.log(s)
         keep = loss is not None
         out_loss, out_lse = (loss[t0 : t0 + n], lse[t0 : t0 + n]) if keep else (scratch[2, :n], scratch[3, :n])
