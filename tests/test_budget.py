@@ -131,12 +131,11 @@ def test_token_sweep(backend, opts, monkeypatch):
     the running max grows). The largest logit sits in a late block for many tokens, and some
     tokens are confident (p_y near 1), so both the rescaling and p_y - 1 are exercised."""
     sweeps = count_token_sweeps(monkeypatch)
-    hidden, weight, bias, labels = make_inputs(
-        (4, 32), 40, 300, logit_std=6.0, ignore_index=opts.get("ignore_index", -100)
-    )
+    ignore = opts.get("ignore_index", -100)  # 256 tokens: the error ratio to plain PyTorch varies less
+    hidden, weight, bias, labels = make_inputs((8, 32), 40, 300, logit_std=6.0, ignore_index=ignore)
     weight[250:] *= 1.5  # the last block's logits are the largest
     logits = hidden @ weight.T + bias
-    confident = (torch.rand(labels.shape, device=DEVICE) < 0.3) & (labels != opts.get("ignore_index", -100))
+    confident = (torch.rand(labels.shape, device=DEVICE) < 0.3) & (labels != ignore)
     labels = torch.where(confident, logits.argmax(-1), labels)
     run_case(
         (hidden, weight, bias, labels), torch.bfloat16, backend, {**opts, "memory_budget_mib": LOW}, grad_scale=4.0
