@@ -33,7 +33,10 @@ def plan(n, vocab, dim, budget_mib, *, itemsize=2, need=(True, True, True), auto
 
 def working_memory(p: budget.Plan, n, vocab, dim, itemsize=2):
     """Bytes the low-memory plan allocates beyond inputs and gradients (budget.py's accounting)."""
-    token_pass = p.chunk * (vocab * itemsize + dim * (8 + itemsize))
+    if p.block_vocab:  # the sweep: buffer, fp32 dX sum, fold temporaries, per-token numbers; W's column sums
+        token_pass = p.chunk * (p.block_vocab * itemsize + dim * (8 + itemsize) + 64) + 4 * dim
+    else:
+        token_pass = p.chunk * (vocab * itemsize + dim * (8 + itemsize))
     vocab_pass = p.block_tokens * (p.block_rows * itemsize + dim * (4 + itemsize)) + p.block_rows * (dim + 1) * 4
     return 16 * n + max(token_pass, vocab_pass)
 
@@ -56,6 +59,7 @@ def test_low_memory_plan_fits_its_budget(n, vocab, dim, budget_mib):
     assert p.low_memory and not p.pad, p
     assert working_memory(p, n, vocab, dim) <= budget_mib * MIB, p
     assert p.chunk >= 16 and p.block_rows >= 256 and p.block_rows % 64 == 0, p
+    assert p.chunk >= 512 and p.block_vocab >= 2048, f"the token sweep keeps its steps large: {p}"
 
 
 def test_budget_too_small_is_a_clear_error():
@@ -99,6 +103,60 @@ def test_low_memory_plan(backend, dtype, opts, monkeypatch):
     assert calls == [True], "the low-memory plan did not run"
 
 
+def count_token_sweeps(monkeypatch):
+    calls = []
+    original = autograd.run_token_blocks
+
+    def spy(*args, **kwargs):
+        calls.append(args[5].block_vocab)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(autograd, "run_token_blocks", spy)
+    return calls
+
+
+SWEEP_OPTIONS = [
+    {},
+    {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_scale": 1.5},
+    {"softcap": 4.0, "z_loss": 1e-3, "reduction": "none"},
+    {"num_items": 41, "ignore_index": 0},
+    {"reduction": "sum", "shift": True},
+]
+
+
+@pytest.mark.parametrize("opts", SWEEP_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_sweep(backend, opts, monkeypatch):
+    """The low-memory token pass walks the vocabulary in blocks (online softmax, dX rescaled as
+    the running max grows). The largest logit sits in a late block for many tokens, and some
+    tokens are confident (p_y near 1), so both the rescaling and p_y - 1 are exercised."""
+    sweeps = count_token_sweeps(monkeypatch)
+    ignore = opts.get("ignore_index", -100)  # 256 tokens: the error ratio to plain PyTorch varies less
+    hidden, weight, bias, labels = make_inputs((8, 32), 40, 300, logit_std=6.0, ignore_index=ignore)
+    weight[250:] *= 1.5  # the last block's logits are the largest
+    logits = hidden @ weight.T + bias
+    confident = (torch.rand(labels.shape, device=DEVICE) < 0.3) & (labels != ignore)
+    labels = torch.where(confident, logits.argmax(-1), labels)
+    run_case(
+        (hidden, weight, bias, labels), torch.bfloat16, backend, {**opts, "memory_budget_mib": LOW}, grad_scale=4.0
+    )
+    assert sweeps and all(0 < v < 300 for v in sweeps), sweeps  # several blocks, every call
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_sweep_matches_whole_rows(backend):
+    """In fp32 the sweep and the whole-row token pass agree to rounding."""
+    hidden, weight, bias, labels = make_inputs((128,), 40, 300)
+    opts = autograd.Options(backend=backend, label_smoothing=0.1, z_loss=1e-3, logit_scale=1.5)
+    N, D = 128, 40
+    scale, results = torch.rand(N, device=DEVICE) + 0.5, []
+    for plan in (budget.Plan(chunk=48, low_memory=True, block_vocab=128), budget.Plan(chunk=48, low_memory=True)):
+        loss, lse, dx = (torch.full(s, float("nan"), device=DEVICE) for s in ((N,), (N,), (N, D)))
+        autograd._token_pass(hidden, weight, bias, labels, opts, plan, loss=loss, lse=lse, grad_scale=scale, dx=dx)
+        results.append((loss, lse, dx))
+    torch.testing.assert_close(results[0], results[1], rtol=2e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize(
     "trainable", [(True, False, False), (False, True, True), (False, False, True)], ids=["frozen_weight", "no_dx", "db"]
 )
@@ -122,7 +180,8 @@ def test_low_memory_grad_output(backend):
     exact for a power of two (4.0 here, as 1 or 1/accumulation steps), one more rounding
     otherwise (3.7: documented; the error stays within 1.5x the default plan's)."""
     inputs = make_inputs((4, 32), 40, 300)
-    run_case(inputs, torch.bfloat16, backend, {"memory_budget_mib": LOW}, grad_scale=4.0)
+    for g in (1.0, 4.0):  # 1: the backward's scaling kernel skips the pass
+        run_case(inputs, torch.bfloat16, backend, {"memory_budget_mib": LOW}, grad_scale=g)
     hidden, weight, bias, labels = inputs
     ref_in = [t.double().requires_grad_() for t in (hidden, weight)]
     (3.7 * linear_cross_entropy_reference(*ref_in, labels, compute_dtype=torch.float64)).backward()

@@ -89,3 +89,55 @@ def test_fold_matches_torch(scatter, dtype):
     kernels.fold(got, args[0], src, args[1], coef)
     torch_impl.fold(want, args[0], src.nan_to_num() if scatter else src, args[1], coef)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_scale_in_place(dtype):
+    """kernels.scale_ equals torch's in-place multiply (fp32 math, one rounding) over more than
+    one block, and with a scale of 1 leaves every bit as it was, NaN included."""
+    x = torch.randn(3 * 4096 + 77, device=DEVICE).to(dtype)
+    x[5] = float("nan")
+    for s in (0.37, 3.0, 1.0):
+        scale = torch.tensor([s], device=DEVICE)
+        got = kernels.scale_(x.clone(), scale)
+        want = x.clone().mul_(scale)
+        if s == 1.0:  # bit for bit
+            assert torch.equal(got.view(torch.uint8), x.view(torch.uint8))
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-block", "later-block"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_online_block_matches_torch(dtype, first):
+    """Online mode (the low-memory token sweep): running statistics continued over one block of
+    the vocabulary, the rescale factor, and exp(u - m) du/dz written over the block."""
+    rows, cols, v0, V = 9, 300, 100, 1000
+    logits = (torch.randn(rows, cols, device=DEVICE) * 3).to(dtype)
+    targets = torch.randint(0, V, (rows,), device=DEVICE)
+    targets[:4] = v0 + torch.randint(0, cols, (4,), device=DEVICE)  # some targets in this block
+    targets[4] = -100
+    stats = torch.stack([torch.randn(rows) * 3, torch.rand(rows) * 50 + 1, torch.randn(rows), torch.randn(rows)], 1)
+    if first:
+        stats[:, 0], stats[:, 1:] = float("-inf"), 0.0
+    opts = dict(OPTS[1], label_smoothing=0.0, z_loss=0.0)
+    results = []
+    for impl in (kernels, torch_impl):
+        out, st = logits.clone(), stats.to(DEVICE).clone()
+        alpha, tg, lse = (torch.full((rows,), float("nan"), device=DEVICE) for _ in range(3))
+        scale = torch.ones((), device=DEVICE)
+        impl.ce_chunk(out, targets, None, lse, scale, tg, compute_lse=True, write_grad=True, stats=st, alpha=alpha,
+                      vocab_start=v0, vocab_total=V, **opts)  # fmt: skip
+        results.append((out.float(), st, alpha))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(results[0][1:], results[1][1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][0], results[1][0], **tol)
+    if first:
+        assert torch.equal(results[0][2], torch.zeros(rows, device=DEVICE))
+
+
+def test_scale_rows():
+    x = torch.randn(5, 5000, device=DEVICE)
+    x[1, 7] = float("nan")
+    alpha = torch.tensor([0.5, 1.0, 2.0, 1.0, 0.0], device=DEVICE)
+    got = kernels.scale_rows_(x.clone(), alpha)
+    torch.testing.assert_close(got, x * alpha[:, None], rtol=0, atol=0, equal_nan=True)

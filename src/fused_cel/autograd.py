@@ -208,6 +208,96 @@ def run_chunks(
             db.index_add_(0, y, tg)
 
 
+def run_token_blocks(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    targets: torch.Tensor,
+    opts: Options,
+    plan: budget.Plan,
+    *,
+    loss: torch.Tensor | None,
+    lse: torch.Tensor,
+    grad_scale: torch.Tensor | None = None,
+    dx: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+) -> None:
+    """The low-memory plan's token pass: loss, lse and dX with a chunk x block buffer, never a
+    row of the whole vocabulary (whose chunk would be a few hundred tokens at 64 MiB, so that the
+    matmuls re-read W for every one of them).
+
+    plan.chunk tokens at a time, W in blocks of plan.block_vocab rows. Per block: the logits, their
+    statistics merged into running ones (max m, s = sum exp(u - m), sum of u, target logit), and,
+    if dX is wanted, the block overwritten with P = exp(u - m) du/dz (its target column 0) and
+    A = A * exp(m_old - m) + P @ W_block: the online softmax of flash attention, with W as both
+    keys and values. At the end lse = m + log s and, with e = scale * eps / V (label smoothing),
+        dX_t = scale (1 + 2c lse) / s * A_t - e * sum_v W_v + (target_grad_t + e) * W_y
+    summed in fp32 and rounded once into dx (times out_scale). The eps term needs du/dz to be the
+    same for every column: not with softcap (autograd then uses run_chunks).
+    ``loss`` None: the loss and lse are recomputed but not written (backward knows them).
+    """
+    N, V, D = x.shape[0], w.shape[0], x.shape[1]
+    ce_chunk, fold = _ops(opts.backend)
+    eps, z, cap, ls = opts.label_smoothing, opts.z_loss, opts.softcap, opts.logit_scale
+    if dx is not None and eps and cap is not None:
+        raise ValueError("run_token_blocks: softcap with label smoothing needs run_chunks")
+    tokens_max, cols_max = min(plan.chunk, N), min(plan.block_vocab, V)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    buf = torch.empty(tokens_max * cols_max, dtype=x.dtype, device=x.device)
+    stats = torch.empty((tokens_max, 4), **f32)
+    alpha_buf = torch.empty(tokens_max, **f32)
+    acc = torch.empty((tokens_max, D), **f32) if dx is not None else None
+    rescale = kernels.scale_rows_ if opts.backend == "triton" else lambda a, alpha: a.mul_(alpha[:, None])
+    scratch = torch.empty((4, tokens_max), **f32)  # loss/lse when not kept, target grads not used
+    ones = torch.ones((), **f32)
+    colsum = w.sum(0, dtype=torch.float32) if dx is not None and eps else None
+    for t0 in range(0, N, tokens_max):
+        n = min(t0 + tokens_max, N) - t0
+        xc, tt, a = x[t0 : t0 + n], targets[t0 : t0 + n], None if acc is None else acc[:n]
+        run, alpha = stats[:n], alpha_buf[:n]
+        run[:, 0], run[:, 1:] = float("-inf"), 0.0  # m, then s, sum of u, target logit
+        for v0 in range(0, V, cols_max):
+            cols = min(v0 + cols_max, V) - v0
+            logits, w_blk = buf[: n * cols].view(n, cols), w[v0 : v0 + cols]
+            if b is None:
+                torch.mm(xc, w_blk.t(), out=logits)
+            else:
+                torch.addmm(b[v0 : v0 + cols], xc, w_blk.t(), out=logits)
+            # Running statistics continued over the block; P = exp(u - m) du/dz * logit_scale
+            # written over it (no smoothing, no z-loss: applied at the end; target column 0).
+            ce_chunk(logits, tt, None, scratch[0, :n], ones, scratch[1, :n], compute_lse=True, write_grad=a is not None,
+                     stats=run, alpha=alpha, label_smoothing=0.0, z_loss=0.0, vocab_start=v0, vocab_total=V,
+                     ignore_index=opts.ignore_index, softcap=cap, logit_scale=ls)  # fmt: skip
+            if a is None:
+                continue
+            if v0 > 0:
+                rescale(a, alpha)
+            _mm(logits, w_blk, out=a, accumulate=v0 > 0)
+        m, s, u_sum, u_y = run.unbind(1)
+        log_s = torch.log(s)
+        keep = loss is not None
+        out_loss, out_lse = (loss[t0 : t0 + n], lse[t0 : t0 + n]) if keep else (scratch[2, :n], scratch[3, :n])
+        torch_impl.token_loss(m, log_s, u_sum, u_y, tt, out_loss, out_lse, V, opts.ignore_index, eps, z)
+        if a is None:
+            continue
+        y = tt.long()
+        valid = (y >= 0) & (y < V) & (y != opts.ignore_index)
+        scale = grad_scale[t0 : t0 + n] if grad_scale.numel() != 1 else grad_scale.reshape(1).expand(n)
+        scale = torch.where(valid, scale.float(), 0.0)
+        p_y = torch.exp((u_y - m) - log_s)
+        g_y = (1.0 - eps) * (p_y - 1.0) + eps * (p_y - 1.0 / V) + 2.0 * z * out_lse * p_y
+        if cap is not None:
+            g_y = g_y * (1.0 - (u_y / cap) ** 2)
+        g_y = g_y * scale * ls
+        a.mul_((scale * (1.0 + 2.0 * z * out_lse) / s)[:, None])
+        if colsum is not None:
+            e = scale * (ls * eps / V)
+            a.addr_(e, colsum, alpha=-1.0)
+            g_y = g_y + e
+        fold(a, None, w, y.clamp(0, V - 1), g_y)
+        _round_into(dx[t0 : t0 + n], a, out_scale)
+
+
 def run_vocab_blocks(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -274,6 +364,14 @@ def run_vocab_blocks(
             _round_into(db[v0 : v0 + rows], acc_b[:rows], out_scale)
 
 
+def _token_pass(x, w, b, targets, opts: Options, plan: budget.Plan | None, *, shard=None, **kw) -> None:
+    """The token pass of a plan: the vocabulary sweep (low memory) or the chunk loop."""
+    if plan is not None and plan.block_vocab:
+        run_token_blocks(x, w, b, targets, opts, plan, **kw)
+    else:
+        run_chunks(x, w, b, targets, _with_plan(opts, plan), shard=shard, pad=_pad(plan), **kw)
+
+
 def _ops(backend: str):
     """(ce_chunk, fold) of the backend. fold, dst rows += coef * src rows (the gradient's target
     entries), is the Triton kernel (atomic, no temporaries) unless deterministic algorithms are
@@ -303,12 +401,17 @@ def _shard_chunk(ce_chunk, logits, targets, loss, lse, grad_scale, target_grad, 
         ce_chunk(logits, targets, None, lse, grad_scale, target_grad, compute_lse=False, write_grad=True, **kw)
 
 
-def _cast_into(src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """src * scale rounded once to dtype. When no cast is needed an eager call reuses src's storage;
-    traced for a compiled graph (src a fake or functional tensor) it computes out of place, and the
-    compiler reuses the buffer (AOTAutograd donates saved tensors to the backward graph)."""
+def _cast_into(src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """src * scale rounded once to dtype. When no cast is needed an eager call reuses src's storage
+    (then, on the Triton backend, a scale of 1 costs no pass over src); traced for a compiled graph
+    (src a fake or functional tensor) it computes out of place, and the compiler reuses the buffer
+    (AOTAutograd donates saved tensors to the backward graph)."""
     if src.dtype == dtype:
-        return src.mul_(scale) if type(src) is torch.Tensor else src * scale
+        if type(src) is not torch.Tensor:
+            return src * scale
+        if backend == "triton" and scale.numel() == 1:
+            return kernels.scale_(src, scale.reshape(1).float())
+        return src.mul_(scale)
     out = torch.empty(src.shape, dtype=dtype, device=src.device)
     return torch.mul(src, scale, out=out)
 
@@ -331,7 +434,7 @@ def forward(hidden, weight, bias, targets, divisor, opts: Options, compute_dtype
     loss, lse = torch.empty(x.shape[0], **f32), torch.empty(x.shape[0], **f32)
     if opts.reduction == "none" or not any(need):
         plan = _plan(opts, hidden, weight, bias, compute_dtype, (False, False, False))
-        run_chunks(x, w, b, targets, _with_plan(opts, plan), loss=loss, lse=lse, shard=shard, pad=_pad(plan))
+        _token_pass(x, w, b, targets, opts, plan, loss=loss, lse=lse, shard=shard)
         return _reduce(loss, opts.reduction, divisor), lse, (None, None, None)
     # The chunk holds the unscaled gradient (entries in [-1, 1]: no fp16 underflow of p / n);
     # the mean's 1/divisor joins grad_output in backward, in fp32, except in the gradients that
@@ -346,13 +449,15 @@ def forward(hidden, weight, bias, targets, divisor, opts: Options, compute_dtype
     return _reduce(loss, opts.reduction, divisor), lse, grads
 
 
-def scale_grads(grads: Grads, prescaled, dtypes, grad_out: torch.Tensor, divisor: torch.Tensor | None) -> Grads:
+def scale_grads(
+    grads: Grads, prescaled, dtypes, grad_out: torch.Tensor, divisor: torch.Tensor | None, backend
+) -> Grads:
     """Backward of "mean" and "sum": forward's gradients times grad_output (and 1/divisor where
     forward did not apply it), each rounded once to its own dtype. A gradient already in its
     dtype is scaled in place (_cast_into): forward's buffers, private to the op, are consumed."""
     scale = grad_out if divisor is None else grad_out / divisor
     return tuple(
-        None if g is None else _cast_into(g, grad_out if pre else scale, dt)
+        None if g is None else _cast_into(g, grad_out if pre else scale, dt, backend)
         for g, pre, dt in zip(grads, prescaled, dtypes)
     )
 
@@ -398,9 +503,7 @@ def _run_plan(x, w, b, targets, opts, plan, grads: Grads, *, loss, lse, grad_sca
     dx, dw, db = grads
     opts = _with_plan(opts, plan)
     if plan is not None and plan.low_memory:
-        run_chunks(
-            x, w, b, targets, opts, loss=loss, lse=lse, grad_scale=grad_scale, dx=dx, out_scale=out_scale, pad=False
-        )
+        _token_pass(x, w, b, targets, opts, plan, loss=loss, lse=lse, grad_scale=grad_scale, dx=dx, out_scale=out_scale)
         if dw is not None or db is not None:
             run_vocab_blocks(
                 x, w, b, targets, opts, plan, lse=lse, grad_scale=grad_scale, dw=dw, db=db, out_scale=out_scale
@@ -445,6 +548,8 @@ def _plan(opts: Options, hidden, weight, bias, compute_dtype, need) -> budget.Pl
         fp32_db=fp32[2],
         vocab_pass=need[1] or need[2],
         fold_temps=_ops(opts.backend)[1] is torch_impl.fold,
+        token_sweep=not (need[0] and opts.softcap is not None and opts.label_smoothing > 0),
+        fp32_dx_sum=need[0],
     )
 
 

@@ -32,7 +32,12 @@ class Plan:
     low_memory: bool = False  # dW and db from a separate vocabulary pass
     block_rows: int = 0  # low memory: vocabulary rows per block of that pass
     block_tokens: int = 0  # low memory: tokens per step of that pass
+    block_vocab: int = 0  # low memory: the token pass walks W in blocks of this many rows (0: whole rows)
     pad: bool = True  # pad W to a multiple of 64 rows for an odd V (a copy of W)
+
+
+# The token sweep's (tokens per step, least block width) rungs, most tokens first.
+_SWEEP = ((4096, 4096), (2048, 4096), (1024, 4096), (512, 2048), (256, 1024), (128, 256), (64, 64), (16, 16), (1, 1))
 
 
 def _floor(n: float, multiple: int) -> int:
@@ -53,6 +58,8 @@ def plan(
     fp32_db: bool,
     vocab_pass: bool,
     fold_temps: bool = True,
+    token_sweep: bool = True,
+    fp32_dx_sum: bool | None = None,
 ) -> Plan:
     """The fastest plan whose working memory fits ``budget`` bytes (3% of it is kept in reserve
     for what is not modelled: allocator rounding, library workspaces).
@@ -60,8 +67,11 @@ def plan(
     fp32_dx / fp32_dw / fp32_db: the accumulate plan would hold that fp32 accumulator beyond the
     gradient (it is needed and its gradient is not fp32). vocab_pass: dW or db is needed.
     fold_temps: the target fold makes [tokens, D] temporaries (the torch path; the Triton fold
-    kernel makes none).
+    kernel makes none). token_sweep: the low-memory token pass may walk the vocabulary in blocks
+    (not with softcap and label smoothing together when dX is needed). fp32_dx_sum: that pass
+    sums dX (default: fp32_dx, i.e. dX is needed and not fp32).
     """
+    fp32_dx_sum = fp32_dx if fp32_dx_sum is None else fp32_dx_sum
     budget *= 0.97
     per_token = 16 * n  # loss, lse, target gradient and labels
     v_pad = -(-vocab // 64) * 64
@@ -82,14 +92,30 @@ def plan(
             return Plan(chunk=max(1, chunk), round_dx=True)
 
     # Low memory: no padded copy of W (an odd V only slows the matmuls), fp32 tiles instead of
-    # whole accumulators. Token pass: chunk x V buffer, a chunk x D fp32 dX tile, W[y].
+    # whole accumulators.
     room = budget - per_token
-    per_row = vocab * itemsize + dim * 4 + fold
-    chunk = min(n, _floor(room / per_row, 16))
-    if chunk < 1:
-        raise ValueError(_too_small(budget, per_row + per_token))
+    if token_sweep:
+        # Token pass as a sweep (autograd.run_token_blocks): per step, a chunk x block_vocab
+        # buffer, the chunk's fp32 dX sum, the target fold, a few fp32 numbers per token, and
+        # W's column sums. The most tokens per step whose blocks stay wide: fewer re-reads of W.
+        per_token_sweep = (4 * dim + fold if fp32_dx_sum else 0) + 64
+        for chunk, least in _SWEEP:
+            chunk = min(chunk, n)
+            cols = _floor((room - 4 * dim - chunk * per_token_sweep) / (chunk * itemsize), 128)
+            if cols >= min(least, vocab):
+                break
+        if cols < 1:
+            raise ValueError(_too_small(budget, itemsize + per_token_sweep + 4 * dim + per_token))
+        sweep = dict(chunk=chunk, low_memory=True, block_vocab=min(cols, vocab), pad=False)
+    else:
+        # Chunks of whole rows: chunk x V buffer, a chunk x D fp32 dX tile, W[y].
+        per_row = vocab * itemsize + dim * 4 + fold
+        chunk = min(n, _floor(room / per_row, 16))
+        if chunk < 1:
+            raise ValueError(_too_small(budget, per_row + per_token))
+        sweep = dict(chunk=chunk, low_memory=True, pad=False)
     if not vocab_pass:
-        return Plan(chunk=chunk, low_memory=True, pad=False)
+        return Plan(**sweep)
     # Vocabulary pass: a block_tokens x block_rows buffer, a block_rows x D fp32 tile, and the
     # target fold's block_tokens x D fp32 temporary.
     # All tokens in one step if the blocks stay large (one matmul per block, no fp32 re-reads).
@@ -101,7 +127,7 @@ def plan(
             break
     if block_rows < 1:
         raise ValueError(_too_small(budget, block_tokens * (itemsize + fold) + 4 * dim + 4 + per_token))
-    return Plan(chunk=chunk, low_memory=True, block_rows=min(block_rows, vocab), block_tokens=block_tokens, pad=False)
+    return Plan(**sweep, block_rows=min(block_rows, vocab), block_tokens=block_tokens)
 
 
 def _too_small(budget: float, least: float) -> str:

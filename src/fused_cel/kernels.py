@@ -71,7 +71,9 @@ def _ce_chunk_kernel(
     scale_ptr,  # *fp32: each token's gradient multiplier (1/divisor, or backward's grad_output)
     scale_stride,  # 0: one multiplier for all tokens, 1: one per token
     target_grad_ptr,  # *fp32 [rows]: out, each token's gradient at its target (if WRITE_GRAD)
-    stats_ptr,  # *fp32 [rows, 4]: out, this shard's (max, log-sum-exp - max, sum, target logit) if SHARD_STATS
+    stats_ptr,  # *fp32 [rows, 4]: out, this shard's (max, log-sum-exp - max, sum, target logit) if SHARD_STATS;
+    # in and out, the running (max m, sum of exp(u - m), sum, target logit) if ONLINE
+    alpha_ptr,  # *fp32 [rows]: out if ONLINE, exp(m before this block - m after): what the caller rescales by
     V,  # columns of logits: the vocabulary, or this shard of it
     vocab_start,  # global id of column 0 (0 unless the vocabulary is sharded)
     vocab_total,  # size of the whole vocabulary (V unless sharded)
@@ -83,6 +85,7 @@ def _ce_chunk_kernel(
     HAS_SOFTCAP: tl.constexpr,  # apply softcap * tanh(u / softcap)
     COMPUTE_LSE: tl.constexpr,  # run pass 1 (loss and lse); otherwise read lse
     SHARD_STATS: tl.constexpr,  # pass 1 writes the shard's partial statistics, not loss and lse
+    ONLINE: tl.constexpr,  # pass 1 continues running statistics; pass 2 writes exp(u - m) du/dz * scale
     WRITE_GRAD: tl.constexpr,  # run pass 2 (gradient in place)
     BLOCK_V: tl.constexpr,  # vocabulary columns per step, a power of two
     ROUND_BF16: tl.constexpr,  # round the bf16 gradient by bits (the CPU interpreter)
@@ -99,9 +102,15 @@ def _ce_chunk_kernel(
     z_y = tl.load(row_ptr + tl.where(here, local, 0)).to(tl.float32)
     u_y = _transform(z_y, logit_scale, softcap, HAS_SOFTCAP)
     if COMPUTE_LSE:
-        m = tl.full((), float("-inf"), tl.float32)
-        s = tl.zeros((), tl.float32)
-        u_sum = tl.zeros((), tl.float32)
+        if ONLINE:  # the statistics of the columns before this block (m = -inf before the first)
+            m = tl.load(stats_ptr + row * 4)
+            s = tl.load(stats_ptr + row * 4 + 1)
+            u_sum = tl.load(stats_ptr + row * 4 + 2)
+        else:
+            m = tl.full((), float("-inf"), tl.float32)
+            s = tl.zeros((), tl.float32)
+            u_sum = tl.zeros((), tl.float32)
+        m_old = m
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
@@ -113,7 +122,15 @@ def _ce_chunk_kernel(
             m = m_new
         # lse = m + log_s, kept apart: (m - u_y) + log_s loses nothing when u_y is the max.
         log_s = tl.log(s)
-        if SHARD_STATS:  # combined across the shards by fused_cel.parallel
+        if ONLINE:
+            tl.store(stats_ptr + row * 4, m)
+            tl.store(stats_ptr + row * 4 + 1, s)
+            tl.store(stats_ptr + row * 4 + 2, u_sum)
+            u_y_sum = tl.load(stats_ptr + row * 4 + 3)
+            tl.store(stats_ptr + row * 4 + 3, u_y_sum + tl.where(here, u_y, 0.0))
+            tl.store(alpha_ptr + row, tl.exp(m_old - m))
+            lse, log_s = m, 0.0  # pass 2: exp(u - m), relative to the running max
+        elif SHARD_STATS:  # combined across the shards by fused_cel.parallel
             tl.store(stats_ptr + row * 4, m)
             tl.store(stats_ptr + row * 4 + 1, log_s)
             tl.store(stats_ptr + row * 4 + 2, u_sum)
@@ -176,6 +193,7 @@ def ce_chunk(
     vocab_start: int = 0,
     vocab_total: int | None = None,
     stats: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
 ) -> None:
     """Cross-entropy of one chunk of logits, through the Triton kernel.
 
@@ -190,6 +208,12 @@ def ce_chunk(
     With ``stats`` ([rows, 4] fp32) given, pass 1 writes the shard's partial statistics there,
     (max, log-sum-exp - max, sum, target logit or 0) of the transformed logits, instead of loss
     and lse; fused_cel.parallel combines them across the shards.
+    With ``alpha`` ([rows] fp32) given as well (online mode, autograd.run_token_blocks: the columns
+    are a block of the vocabulary), stats holds running statistics (max m, sum of exp(u - m), sum
+    of u, target logit or 0) of the blocks before, which pass 1 continues; alpha receives
+    exp(m_before - m_after), and pass 2 writes exp(u - m) du/dz * grad_scale * logit_scale
+    (label_smoothing and z_loss must be 0 then: the caller applies them at the end), the target
+    column 0. loss and lse are not written.
     """
     rows, V = logits.shape
     if rows == 0:
@@ -209,6 +233,7 @@ def ce_chunk(
         scale_stride,
         target_grad,
         stats if stats is not None else lse,
+        alpha if alpha is not None else lse,
         V,
         vocab_start,
         V if vocab_total is None else vocab_total,
@@ -219,7 +244,8 @@ def ce_chunk(
         logit_scale,
         HAS_SOFTCAP=softcap is not None,
         COMPUTE_LSE=compute_lse,
-        SHARD_STATS=stats is not None,
+        SHARD_STATS=stats is not None and alpha is None,
+        ONLINE=alpha is not None,
         WRITE_GRAD=write_grad,
         BLOCK_V=block_v,
         ROUND_BF16=logits.device.type == "cpu" and logits.dtype == torch.bfloat16,
@@ -286,3 +312,50 @@ def fold(
         DST_INDEXED=dst_index is not None,
         BLOCK_D=block_d,
     )
+
+
+@triton.jit
+def _scale_kernel(
+    x_ptr,  # *T [rows, n]: scaled in place, row r by scale[r]
+    scale_ptr,  # *fp32 [rows]: the factors; a row whose factor is 1 is not read at all
+    n,  # elements per row
+    x_stride,  # elements between rows
+    BLOCK: tl.constexpr,  # elements per program
+    ROUND_BF16: tl.constexpr,  # round by bits (the CPU interpreter truncates)
+):
+    r = tl.program_id(1)
+    s = tl.load(scale_ptr + r)
+    if s != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        ptrs = x_ptr + r.to(tl.int64) * x_stride + offs
+        x = tl.load(ptrs, mask=mask).to(tl.float32) * s
+        if ROUND_BF16:
+            x = _round_bf16(x)
+        tl.store(ptrs, x.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def _scale(x: torch.Tensor, scale: torch.Tensor, rows: int, n: int, stride: int) -> None:
+    block = 4096
+    round_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    _scale_kernel[(triton.cdiv(n, block), rows)](x, scale, n, stride, BLOCK=block, ROUND_BF16=round_bf16)
+
+
+def scale_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x *= scale (a one-element fp32 tensor) in place, rounded once; when scale is 1 (the usual
+    grad_output) the kernel reads only the scale, so an already-rounded gradient costs no pass
+    over its memory, and the host never looks at the value."""
+    if not x.is_contiguous() or x.numel() == 0:
+        return x.mul_(scale)
+    _scale(x, scale, 1, x.numel(), 0)
+    return x
+
+
+def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x[r] *= scale[r] in place (x [rows, n] with unit column stride, scale [rows] fp32); rows
+    whose factor is 1 (the running max did not move) are not touched."""
+    if x.stride(1) != 1 or x.shape[0] > 65535:
+        return x.mul_(scale[:, None])
+    if x.numel():
+        _scale(x, scale, x.shape[0], x.shape[1], x.stride(0))
+    return x

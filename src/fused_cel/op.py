@@ -123,7 +123,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, *grads)
     ctx.set_materialize_grads(False)
     (opts, compute_dtype), ctx.need = _options(args), tuple(args[-3:])
-    ctx.config, ctx.n_inputs, ctx.reduction = args[:14], len(inputs), opts.reduction
+    ctx.config, ctx.n_inputs, ctx.reduction, ctx.backend = args[:14], len(inputs), opts.reduction, opts.backend
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     if opts.reduction == "none":
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
@@ -148,7 +148,7 @@ def _backward(ctx, grad_loss, *_):
             )
         ctx.consumed = True
         *grads, divisor = ctx.saved_tensors
-        grads = autograd.scale_grads(grads, ctx.prescaled, ctx.dtypes, grad_loss, divisor)
+        grads = autograd.scale_grads(grads, ctx.prescaled, ctx.dtypes, grad_loss, divisor, ctx.backend)
     return *grads, *(None,) * (ctx.n_inputs - 3)
 
 

@@ -50,6 +50,7 @@ def ce_chunk(
     vocab_start: int = 0,
     vocab_total: int | None = None,
     stats: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
 ) -> None:
     """See fused_cel.kernels.ce_chunk: identical arguments and effects."""
     rows, V = logits.shape
@@ -65,7 +66,14 @@ def ce_chunk(
     safe = torch.where(here, local, 0)
     u_y = torch.where(here, u.gather(1, safe[:, None]).squeeze(1), 0.0)
 
-    if compute_lse:
+    if compute_lse and alpha is not None:  # online: continue the running statistics
+        m_old, s_old, sum_old, u_y_old = stats.clone().unbind(1)
+        m = torch.maximum(m_old, u.max(dim=-1).values)
+        s = s_old * torch.exp(m_old - m) + torch.exp(u - m[:, None]).sum(dim=-1)
+        stats.copy_(torch.stack([m, s, sum_old + u.sum(dim=-1), u_y_old + u_y], dim=1))
+        alpha.copy_(torch.exp(m_old - m))
+        lse, log_s = m, torch.zeros_like(m)  # pass 2: exp(u - m), relative to the running max
+    elif compute_lse:
         m = u.max(dim=-1).values
         log_s = torch.log(torch.exp(u - m[:, None]).sum(dim=-1))
         if stats is not None:  # this shard's partial statistics, combined by fused_cel.parallel
