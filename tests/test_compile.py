@@ -183,6 +183,18 @@ def test_compiled_under_autocast(backend, compiler):
     assert recorder.ops() == [FORWARD_OP]
 
 
+@pytest.mark.parametrize("backend, compiler", PAIRS)
+def test_compiled_label_check(backend, compiler):
+    """The label check (a host sync) runs inside the op: no graph break, the same clear error."""
+    hidden, weight, _, labels = make_inputs((2, 8), 16, 50)
+    fn, recorder = compiled(compiler)
+    fn(hidden.requires_grad_(), weight, labels, backend=backend).backward()
+    labels[1, 3] = 50
+    with pytest.raises(ValueError, match=r"label 50 is out of range: labels must be in \[0, V\) = \[0, 50\)"):
+        fn(hidden, weight, labels, backend=backend)
+    assert len(recorder.graphs) == 1
+
+
 def test_compiled_model_with_dynamic_shapes():
     """A model compiled once runs batches of other lengths and other num_items (Dynamo makes them
     symbolic after the first change) without a graph break or a recompile per step."""
