@@ -230,7 +230,7 @@ def run_token_blocks(
     statistics merged into running ones (max m, s = sum exp(u - m), sum of u, target logit), and,
     if dX is wanted, the block overwritten with P = exp(u - m) du/dz (its target column 0) and
     A = A * exp(m_old - m) + P @ W_block: the online softmax of flash attention, with W as both
-    keys and values. At the end lse = m + log s and, with e = scale * eps / V (label smoothing),
+    keys and values. At the end lse = m + log s and, with e = scale * logit_scale * eps / V,
         dX_t = scale (1 + 2c lse) / s * A_t - e * sum_v W_v + (target_grad_t + e) * W_y
     summed in fp32 and rounded once into dx (times out_scale). The eps term needs du/dz to be the
     same for every column: not with softcap (autograd then uses run_chunks).
