@@ -285,7 +285,7 @@ def run_token_blocks(
         scale = grad_scale[t0 : t0 + n] if grad_scale.numel() != 1 else grad_scale.reshape(1).expand(n)
         scale = torch.where(valid, scale.float(), 0.0)
         p_y = torch.exp((u_y - m) - log_s)
-        g_y = (1.0 - eps) * (p_y - 1.0) + eps * (p_y - 1.0 / V) + 2.0 * z * out_lse * p_y
+        g_y = torch_impl.target_grad_coef(p_y, out_lse, V, eps, z)
         if cap is not None:
             g_y = g_y * (1.0 - (u_y / cap) ** 2)
         g_y = g_y * scale * ls
