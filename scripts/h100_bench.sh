@@ -7,7 +7,7 @@ out=${1:-bench-results}
 part=${2:-all}
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 bench="python3 -m fused_cel.bench"
-fused='fused_cel,fused_cel[memory_budget_mib=64],fused_cel[memory_budget_mib=1024]'
+fused='fused_cel,fused_cel[memory_budget_mib=64],fused_cel[memory_budget_mib=256],fused_cel[memory_budget_mib=1024]'
 methods="plain,compile,liger,cce,$fused"
 if [[ $part == heads || $part == all ]]; then
     $bench --preset llama3-8b --preset gemma2-2b --preset mistral-7b --preset gpt2 --methods "$methods" --out "$out/heads"

@@ -129,7 +129,7 @@ def test_online_block_matches_torch(dtype, first):
                       vocab_start=v0, vocab_total=V, **opts)  # fmt: skip
         results.append((out.float(), st, alpha))
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(results[0][1:], results[1][1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[0][1:], results[1][1:], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(results[0][0], results[1][0], **tol)
     if first:
         assert torch.equal(results[0][2], torch.zeros(rows, device=DEVICE))

@@ -230,7 +230,7 @@ def run_token_blocks(
     statistics merged into running ones (max m, s = sum exp(u - m), sum of u, target logit), and,
     if dX is wanted, the block overwritten with P = exp(u - m) du/dz (its target column 0) and
     A = A * exp(m_old - m) + P @ W_block: the online softmax of flash attention, with W as both
-    keys and values. At the end lse = m + log s and, with e = scale * eps / V (label smoothing),
+    keys and values. At the end lse = m + log s and, with e = scale * logit_scale * eps / V,
         dX_t = scale (1 + 2c lse) / s * A_t - e * sum_v W_v + (target_grad_t + e) * W_y
     summed in fp32 and rounded once into dx (times out_scale). The eps term needs du/dz to be the
     same for every column: not with softcap (autograd then uses run_chunks).
@@ -285,7 +285,7 @@ def run_token_blocks(
         scale = grad_scale[t0 : t0 + n] if grad_scale.numel() != 1 else grad_scale.reshape(1).expand(n)
         scale = torch.where(valid, scale.float(), 0.0)
         p_y = torch.exp((u_y - m) - log_s)
-        g_y = (1.0 - eps) * (p_y - 1.0) + eps * (p_y - 1.0 / V) + 2.0 * z * out_lse * p_y
+        g_y = torch_impl.target_grad_coef(p_y, out_lse, V, eps, z)
         if cap is not None:
             g_y = g_y * (1.0 - (u_y / cap) ** 2)
         g_y = g_y * scale * ls

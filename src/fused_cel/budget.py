@@ -36,6 +36,8 @@ class Plan:
     pad: bool = True  # pad W to a multiple of 64 rows for an odd V (a copy of W)
 
 
+_LEAST_CHUNK = 1024  # tokens: the smallest chunk of the accumulate plan
+
 # The token sweep's (tokens per step, least block width) rungs, most tokens first.
 _SWEEP = ((4096, 4096), (2048, 4096), (1024, 4096), (512, 2048), (256, 1024), (128, 256), (64, 64), (16, 16), (1, 1))
 
@@ -80,15 +82,19 @@ def plan(
     # per token of a chunk: its logits, and the target fold's temporaries (a*X_c in fp32, W[y])
     fold = dim * (4 + itemsize) if fold_temps else 0
     per_row = v_pad * itemsize + fold
+    # Below ~1024 tokens a chunk costs more than it saves: each re-reads W twice, and (dW
+    # wanted) reads and writes the fp32 dW; the low-memory plan's steps stay large instead
+    # (H100, Llama 3 frozen head at 64 MiB: 128-token chunks 56.9 ms, the token sweep ~29 ms).
+    least = min(_LEAST_CHUNK, n)
     chunk = _floor(min(auto_chunk, (budget - fixed) / per_row), 128)
-    if chunk >= min(128, n):
+    if chunk >= least:
         return Plan(chunk=max(1, chunk))
     if fp32_dx:
         # The same 3 matmuls with dX rounded chunk by chunk (an fp32 chunk x D tile instead of an
         # fp32 N x D dX): memory no longer grows with N.
         fixed -= 4 * n * dim
         chunk = _floor(min(auto_chunk, (budget - fixed) / (per_row + 4 * dim)), 128)
-        if chunk >= min(128, n):
+        if chunk >= least:
             return Plan(chunk=max(1, chunk), round_dx=True)
 
     # Low memory: no padded copy of W (an odd V only slows the matmuls), fp32 tiles instead of

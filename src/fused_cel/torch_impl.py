@@ -32,6 +32,13 @@ def token_loss(m, log_s, u_sum, u_y, targets, loss, lse, vocab_total, ignore_ind
     loss.copy_(torch.where(targets == ignore_index, 0.0, per_token))
 
 
+def target_grad_coef(p_y, lse, vocab_total, label_smoothing, z_loss):
+    """d(loss)/du at the target column from p_y (fp32 [rows]), before du/dz and the token's scale:
+    p_y - 1 is formed first, so a confident token loses nothing to cancellation."""
+    g_y = (1.0 - label_smoothing) * (p_y - 1.0) + label_smoothing * (p_y - 1.0 / vocab_total)
+    return g_y + 2.0 * z_loss * lse * p_y
+
+
 def ce_chunk(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -93,8 +100,7 @@ def ce_chunk(
         du_dz = 1.0 - (u / softcap) ** 2 if softcap is not None else torch.ones_like(u)
         d *= du_dz * coef[:, None]
         p_y = torch.exp((u_y - m) - log_s)
-        g_y = (1.0 - label_smoothing) * (p_y - 1.0) + label_smoothing * (p_y - 1.0 / vocab_total)
-        g_y = g_y + 2.0 * z_loss * lse * p_y
+        g_y = target_grad_coef(p_y, lse, vocab_total, label_smoothing, z_loss)
         du_dz_y = du_dz.gather(1, safe[:, None]).squeeze(1)
         target_grad.copy_(torch.where(here, g_y * du_dz_y * coef, 0.0))
         d.scatter_(1, safe[:, None], torch.where(here, 0.0, d.gather(1, safe[:, None]).squeeze(1))[:, None])
