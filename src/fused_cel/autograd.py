@@ -35,9 +35,9 @@ import torch
 from . import budget, parallel, torch_impl
 
 try:
-    from . import kernels
+    from . import kernels, matmul
 except ImportError:  # no Triton: only the torch backend
-    kernels = None
+    kernels = matmul = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +156,11 @@ def run_chunks(
         w_mm = torch.nn.functional.pad(w, (0, 0, 0, v_pad - V))
         b_mm = None if b is None else torch.nn.functional.pad(b, (0, v_pad - V))
     buf = torch.empty((min(chunk, N), v_pad), dtype=x.dtype, device=x.device)
+    # The Triton logits matmul with the softmax statistics in its epilogue (fused_cel.matmul):
+    # then the cross-entropy kernel reads each row once, not twice.
+    tile_buf, planes = None, 3 if opts.label_smoothing else 2
+    if opts.backend == "triton" and loss is not None and matmul is not None and matmul.usable(x, w_mm):
+        tile_buf = torch.empty(planes * min(chunk, N) * matmul.n_tiles(V), dtype=torch.float32, device=x.device)
     target_grad = torch.empty(min(chunk, N), dtype=torch.float32, device=x.device) if write_grad else None
     dx_tile = None
     if dx is not None and (dx.dtype != torch.float32 or out_scale is not None):
@@ -167,10 +172,16 @@ def run_chunks(
         xc, logits_mm = x[start:end], buf[: end - start]
         logits = logits_mm[:, :V]
         tg = None if target_grad is None else target_grad[: end - start]
-        if b_mm is None:
+        tile_stats = None
+        if tile_buf is not None:
+            tile_stats = tile_buf[: planes * (end - start) * matmul.n_tiles(V)].view(planes, end - start, -1)
+            matmul.logits_stats(xc, w_mm, b_mm, logits_mm, tile_stats, n_valid=V, logit_scale=opts.logit_scale,
+                                softcap=opts.softcap, sum_u=planes == 3)  # fmt: skip
+        elif b_mm is None:
             torch.mm(xc, w_mm.t(), out=logits_mm)
         else:
             torch.addmm(b_mm, xc, w_mm.t(), out=logits_mm)
+        kw = {} if tile_stats is None else dict(tile_stats=tile_stats)
         chunk_loss = None if loss is None else loss[start:end]
         chunk_scale = grad_scale[start:end] if per_token_scale else grad_scale
         if shard is None:
@@ -184,11 +195,11 @@ def run_chunks(
                 compute_lse=loss is not None,
                 write_grad=write_grad,
                 **opts.ce_kwargs(),
+                **kw,
             )
         else:
-            _shard_chunk(
-                ce_chunk, logits, targets[start:end], chunk_loss, lse[start:end], chunk_scale, tg, stats, opts, shard
-            )
+            tt = targets[start:end]
+            _shard_chunk(ce_chunk, logits, tt, chunk_loss, lse[start:end], chunk_scale, tg, stats, opts, shard, kw)
         if not write_grad:
             continue
         # The target entries: token t's gradient at its target y_t is tg_t (0 where ignored, or
@@ -390,12 +401,14 @@ def _round_into(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor | None
         torch.mul(src, scale, out=out)
 
 
-def _shard_chunk(ce_chunk, logits, targets, loss, lse, grad_scale, target_grad, stats, opts, shard) -> None:
-    """One chunk of a vocabulary shard: partial statistics, combined over the group, then the gradient."""
+def _shard_chunk(ce_chunk, logits, targets, loss, lse, grad_scale, target_grad, stats, opts, shard, tile) -> None:
+    """One chunk of a vocabulary shard: partial statistics, combined over the group, then the
+    gradient. tile: ce_chunk's tile_stats argument, if the matmul wrote them."""
     kw = dict(vocab_start=shard.start, vocab_total=shard.total, **opts.ce_kwargs())
     if loss is not None:
         rows_stats = stats[: logits.shape[0]]
-        ce_chunk(logits, targets, None, lse, None, None, compute_lse=True, write_grad=False, stats=rows_stats, **kw)
+        ce_chunk(logits, targets, None, lse, None, None, compute_lse=True, write_grad=False, stats=rows_stats, **kw,
+                 **tile)  # fmt: skip
         parallel.combine(rows_stats, targets, loss, lse, shard, opts)
     if target_grad is not None:
         ce_chunk(logits, targets, None, lse, grad_scale, target_grad, compute_lse=False, write_grad=True, **kw)

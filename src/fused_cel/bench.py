@@ -43,6 +43,7 @@ import datetime
 import gc
 import importlib.metadata
 import inspect
+import os
 import json
 import re
 import statistics
@@ -208,7 +209,8 @@ def fused_kwargs(spec):
     match = re.fullmatch(r"fused_cel(?:\[(.*)\])?", spec)
     if match is None:
         raise ValueError(f"unknown method {spec!r}: expected one of {', '.join(METHODS)} or fused_cel[key=value;...]")
-    allowed = [k for k in inspect.signature(fused_cel.linear_cross_entropy).parameters if k not in ARGS]
+    # matmul=cublas|triton: the chunk's logits matmul (FUSED_CEL_MATMUL, fused_cel.matmul)
+    allowed = [k for k in inspect.signature(fused_cel.linear_cross_entropy).parameters if k not in ARGS] + ["matmul"]
     kwargs = {}
     for item in filter(None, (match.group(1) or "").split(";")):
         key, sep, value = (s.strip() for s in item.partition("="))
@@ -250,7 +252,22 @@ def build_method(spec, softcap, device):
     if spec == "cce":
         return _cce(softcap)
     kwargs = {"softcap": softcap, **fused_kwargs(spec)}
-    return lambda x, w, y: fused_cel.linear_cross_entropy(x, w, y, **kwargs)
+    route = kwargs.pop("matmul", None)
+    if route is None:
+        return lambda x, w, y: fused_cel.linear_cross_entropy(x, w, y, **kwargs)
+
+    def call(x, w, y):
+        saved = os.environ.get("FUSED_CEL_MATMUL")
+        os.environ["FUSED_CEL_MATMUL"] = route
+        try:
+            return fused_cel.linear_cross_entropy(x, w, y, **kwargs)
+        finally:
+            if saved is None:
+                del os.environ["FUSED_CEL_MATMUL"]
+            else:
+                os.environ["FUSED_CEL_MATMUL"] = saved
+
+    return call
 
 
 def _torch_native(softcap):

@@ -79,9 +79,10 @@ def plan(
     v_pad = -(-vocab // 64) * 64
     pad_copy = 0 if v_pad == vocab else v_pad * dim * itemsize
     fixed = per_token + pad_copy + 4 * (n * dim * fp32_dx + vocab * dim * fp32_dw + vocab * fp32_db)
-    # per token of a chunk: its logits, and the target fold's temporaries (a*X_c in fp32, W[y])
+    # per token of a chunk: its logits, the target fold's temporaries (a*X_c in fp32, W[y]),
     fold = dim * (4 + itemsize) if fold_temps else 0
-    per_row = v_pad * itemsize + fold
+    # and the logits matmul's per-tile softmax statistics (fused_cel.matmul: 3 fp32 per 256 columns)
+    per_row = v_pad * itemsize + fold + 12 * -(-vocab // 256)
     # Below ~1024 tokens a chunk costs more than it saves: each re-reads W twice, and (dW
     # wanted) reads and writes the fp32 dW; the low-memory plan's steps stay large instead
     # (H100, Llama 3 frozen head at 64 MiB: 128-token chunks 56.9 ms, the token sweep ~29 ms).

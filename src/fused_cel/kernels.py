@@ -74,6 +74,9 @@ def _ce_chunk_kernel(
     stats_ptr,  # *fp32 [rows, 4]: out, this shard's (max, log-sum-exp - max, sum, target logit) if SHARD_STATS;
     # in and out, the running (max m, sum of exp(u - m), sum, target logit) if ONLINE
     alpha_ptr,  # *fp32 [rows]: out if ONLINE, exp(m before this block - m after): what the caller rescales by
+    tile_stats_ptr,  # *fp32 [2 or 3, rows, n_tiles]: per column tile max, sum of exp(u - max)(, sum of u) if TILE_STATS
+    n_tiles,  # column tiles of tile_stats
+    tile_plane,  # rows * n_tiles: elements of one plane of tile_stats
     V,  # columns of logits: the vocabulary, or this shard of it
     vocab_start,  # global id of column 0 (0 unless the vocabulary is sharded)
     vocab_total,  # size of the whole vocabulary (V unless sharded)
@@ -86,6 +89,9 @@ def _ce_chunk_kernel(
     COMPUTE_LSE: tl.constexpr,  # run pass 1 (loss and lse); otherwise read lse
     SHARD_STATS: tl.constexpr,  # pass 1 writes the shard's partial statistics, not loss and lse
     ONLINE: tl.constexpr,  # pass 1 continues running statistics; pass 2 writes exp(u - m) du/dz * scale
+    TILE_STATS: tl.constexpr,  # pass 1 merges tile_stats instead of reading the row
+    TILE_SUM: tl.constexpr,  # tile_stats has the sum of u (label smoothing)
+    BLOCK_T: tl.constexpr,  # tiles merged per step, a power of two
     WRITE_GRAD: tl.constexpr,  # run pass 2 (gradient in place)
     BLOCK_V: tl.constexpr,  # vocabulary columns per step, a power of two
     ROUND_BF16: tl.constexpr,  # round the bf16 gradient by bits (the CPU interpreter)
@@ -111,15 +117,28 @@ def _ce_chunk_kernel(
             s = tl.zeros((), tl.float32)
             u_sum = tl.zeros((), tl.float32)
         m_old = m
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < V
-            z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            u = tl.where(mask, _transform(z, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
-            m_new = tl.maximum(m, tl.max(u, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(u - m_new), axis=0)
-            u_sum += tl.sum(tl.where(mask, u, 0.0), axis=0)
-            m = m_new
+        if TILE_STATS:  # merge the matmul's per-tile statistics (fused_cel.matmul): no read of the row
+            for t0 in range(0, n_tiles, BLOCK_T):
+                offs = t0 + tl.arange(0, BLOCK_T)
+                ok = offs < n_tiles
+                at = tile_stats_ptr + row * n_tiles + offs
+                tile_m = tl.load(at, mask=ok, other=float("-inf"))
+                m_new = tl.maximum(m, tl.max(tile_m, axis=0))
+                tile_s = tl.load(at + tile_plane, mask=ok, other=0.0)
+                s = s * tl.exp(m - m_new) + tl.sum(tile_s * tl.exp(tile_m - m_new), axis=0)
+                if TILE_SUM:
+                    u_sum += tl.sum(tl.load(at + 2 * tile_plane, mask=ok, other=0.0), axis=0)
+                m = m_new
+        else:
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                mask = cols < V
+                z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                u = tl.where(mask, _transform(z, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+                m_new = tl.maximum(m, tl.max(u, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(u - m_new), axis=0)
+                u_sum += tl.sum(tl.where(mask, u, 0.0), axis=0)
+                m = m_new
         # lse = m + log_s, kept apart: (m - u_y) + log_s loses nothing when u_y is the max.
         log_s = tl.log(s)
         if ONLINE:
@@ -194,6 +213,7 @@ def ce_chunk(
     vocab_total: int | None = None,
     stats: torch.Tensor | None = None,
     alpha: torch.Tensor | None = None,
+    tile_stats: torch.Tensor | None = None,
 ) -> None:
     """Cross-entropy of one chunk of logits, through the Triton kernel.
 
@@ -214,6 +234,9 @@ def ce_chunk(
     exp(m_before - m_after), and pass 2 writes exp(u - m) du/dz * grad_scale * logit_scale
     (label_smoothing and z_loss must be 0 then: the caller applies them at the end), the target
     column 0. loss and lse are not written.
+    ``tile_stats`` ([2 or 3, rows, tiles] fp32, from matmul.logits_stats, which wrote these logits):
+    pass 1 merges the per-tile max, sum of exp and (plane 2, needed with label smoothing) sum of
+    u instead of reading the row (not with ``alpha``).
     """
     rows, V = logits.shape
     if rows == 0:
@@ -234,6 +257,9 @@ def ce_chunk(
         target_grad,
         stats if stats is not None else lse,
         alpha if alpha is not None else lse,
+        tile_stats if tile_stats is not None else lse,
+        0 if tile_stats is None else tile_stats.shape[2],
+        0 if tile_stats is None else tile_stats.shape[1] * tile_stats.shape[2],
         V,
         vocab_start,
         V if vocab_total is None else vocab_total,
@@ -246,6 +272,9 @@ def ce_chunk(
         COMPUTE_LSE=compute_lse,
         SHARD_STATS=stats is not None and alpha is None,
         ONLINE=alpha is not None,
+        TILE_STATS=tile_stats is not None,
+        TILE_SUM=tile_stats is not None and tile_stats.shape[0] == 3,
+        BLOCK_T=1 if tile_stats is None else min(triton.next_power_of_2(tile_stats.shape[2]), 1024),
         WRITE_GRAD=write_grad,
         BLOCK_V=block_v,
         ROUND_BF16=logits.device.type == "cpu" and logits.dtype == torch.bfloat16,

@@ -119,3 +119,14 @@ def fold(
         dst.index_add_(0, dst_index, coef[:, None] * src)
     else:
         dst.addcmul_(coef[:, None], src[src_index])
+
+
+def tile_stats(logits: torch.Tensor, n_valid: int, tile: int, logit_scale: float, softcap: float | None):
+    """The statistics fused_cel.matmul.logits_stats writes next to the logits, from the logits:
+    [3, rows, tiles] fp32, per row and tile of ``tile`` columns of the first n_valid, the max m of
+    the transformed logits u, the sum of exp(u - m) and the sum of u."""
+    u = transform(logits[:, :n_valid].float(), logit_scale, softcap)
+    tiles = -(-n_valid // tile)
+    u = torch.nn.functional.pad(u, (0, tiles * tile - n_valid), value=float("-inf")).view(len(u), tiles, tile)
+    m = u.amax(-1)
+    return torch.stack((m, (u - m[..., None]).exp().sum(-1), torch.where(u == float("-inf"), 0.0, u).sum(-1)))
