@@ -153,7 +153,7 @@ def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    # TMA: unit column stride, 16-byte aligned base and row strides.
+    # TMA: unit column stride, 16-byte aligned base and row strides (else pointer loads).
     return all(t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0 for t in (x, w))
 
 
@@ -190,7 +190,7 @@ def logits_stats(
         raise ValueError(f"logits_stats: out {tuple(out.shape)} / stats {tuple(stats.shape)} do not fit x, w")
     if M == 0:
         return
-    use_tma = x.device.type == "cuda"
+    use_tma = x.device.type == "cuda" and _tma_ok(x, w) and _tma_ok(out, out)
     programs = min(_programs(x.device) if use_tma else 4, triton.cdiv(M, BM) * triton.cdiv(N, BN))
     a, b, c = x, w, out
     if use_tma:
