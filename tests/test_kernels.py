@@ -106,6 +106,19 @@ def test_scale_in_place(dtype):
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_scale_into_casts_once(dtype):
+    """kernels.scale_into: an fp32 sum times the scale, rounded once (as torch.mul into an out
+    of that dtype), every element written (the out is poisoned), a scale of 1 included."""
+    x = torch.randn(2, 4096 + 300, device=DEVICE) * 5
+    for s in (0.37, 1.0):
+        scale = torch.tensor([s], device=DEVICE)
+        out = torch.full(x.shape, float("nan"), dtype=dtype, device=DEVICE)
+        kernels.scale_into(out, x, scale)
+        want = torch.mul(x, scale, out=torch.empty_like(out))
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("first", [True, False], ids=["first-block", "later-block"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_online_block_matches_torch(dtype, first):

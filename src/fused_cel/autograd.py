@@ -426,6 +426,8 @@ def _cast_into(src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, backe
             return kernels.scale_(src, scale.reshape(1).float())
         return src.mul_(scale)
     out = torch.empty(src.shape, dtype=dtype, device=src.device)
+    if backend == "triton" and scale.numel() == 1 and type(src) is torch.Tensor:
+        return kernels.scale_into(out, src, scale.reshape(1).float())
     return torch.mul(src, scale, out=out)
 
 
