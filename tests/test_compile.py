@@ -49,6 +49,9 @@ RUNS = [
 # The other tests: every backend with aot_eager, the torch path with Inductor.
 PAIRS = [(b, c) for b in BACKENDS for c in COMPILERS if c == "aot_eager" or b == "torch"]
 FORWARD_OP = torch.ops.fused_cel.linear_cross_entropy.default
+# Compiled equals eager bit for bit on the CPU; on CUDA the target fold's atomic adds (and
+# index_add_) sum the rows that several tokens share in no fixed order.
+SAME = dict(rtol=0, atol=0) if DEVICE.type == "cpu" else dict(rtol=1e-5, atol=1e-6)
 SHAPE = (2, 24), 40, 300  # 48 tokens, D, V: LOW selects the low-memory plan in bf16 and fp32
 
 
@@ -120,7 +123,7 @@ def test_compiled_matches_eager_and_float64(backend, compiler, dtype, case, monk
     fn, recorder = compiled(compiler)
     run_case(inputs, dtype, backend, opts, fn=fn, grad_scale=4.0)
     eager, ours = eager_and_compiled(fn, inputs, dtype, backend, opts)
-    torch.testing.assert_close(ours, eager, rtol=0, atol=0)
+    torch.testing.assert_close(ours, eager, **SAME)
     assert len(recorder.graphs) == 1 and recorder.ops() == [FORWARD_OP], recorder.graphs
     assert bool(vocab_passes) == ("memory_budget_mib" in opts), "the low-memory plan did not run (or ran unasked)"
 
@@ -144,7 +147,7 @@ def test_compiled_partial_grads(backend, compiler, reduction, trainable, monkeyp
     run_case(inputs, torch.bfloat16, backend, opts, fn=fn, trainable=trainable, grad_scale=4.0)
     assert calls[-1] == tuple(trainable), calls
     eager, ours = eager_and_compiled(fn, inputs, torch.bfloat16, backend, opts, trainable)
-    torch.testing.assert_close(ours, eager, rtol=0, atol=0)
+    torch.testing.assert_close(ours, eager, **SAME)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -165,7 +168,7 @@ def test_compiled_no_grad(backend, compiler, reduction, monkeypatch):
     with torch.no_grad():
         ours = fn(hidden, weight.requires_grad_(), labels, bias, **opts)
         eager = linear_cross_entropy(hidden, weight, labels, bias, **opts)
-    torch.testing.assert_close(ours, eager, rtol=0, atol=0)
+    torch.testing.assert_close(ours, eager, **SAME)
     assert calls == [(None, None, None)] * 2 and recorder.ops() == [FORWARD_OP]
 
 

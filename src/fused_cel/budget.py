@@ -78,7 +78,9 @@ def plan(
     per_token = 16 * n  # loss, lse, target gradient and labels
     v_pad = -(-vocab // 64) * 64
     pad_copy = 0 if v_pad == vocab else v_pad * dim * itemsize
-    fixed = per_token + pad_copy + 4 * (n * dim * fp32_dx + vocab * dim * fp32_dw + vocab * fp32_db)
+    # (no bool * int: with symbolic sizes under torch.compile that product does not trace)
+    fixed = per_token + pad_copy + 4 * ((n * dim if fp32_dx else 0) + (vocab * dim if fp32_dw else 0))
+    fixed += 4 * vocab if fp32_db else 0
     # per token of a chunk: its logits, the target fold's temporaries (a*X_c in fp32, W[y]),
     fold = dim * (4 + itemsize) if fold_temps else 0
     # and the logits matmul's per-tile softmax statistics (fused_cel.matmul: 3 fp32 per 256 columns)
