@@ -7,8 +7,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    # The chunk's logits through the Triton matmul with statistics (fused_cel.matmul), as on an
-    # H100 by default; test_matmul also runs the torch.mm route.
+    # The chunk's logits through the opt-in Triton matmul with statistics (fused_cel.matmul), so
+    # that every Triton-backend test covers it here; test_matmul also runs the torch.mm route,
+    # and the GPU runs the default (cuBLAS) route.
     os.environ.setdefault("FUSED_CEL_MATMUL", "triton")
 
 import math  # noqa: E402

@@ -10,10 +10,12 @@ read of the row, not two (kernels.ce_chunk with ``tile_stats``); the loss alone 
 needs no read of the row at all.
 
 The matmul is persistent (one program per SM walking output tiles, grouped so that concurrent
-programs share W's tiles in L2) and loads through TMA descriptors on Hopper; elsewhere (the CPU
-interpreter in CI) it runs the same code with pointer loads. The statistics are those of the
+programs share W's tiles in L2) and loads through TMA descriptors on a GPU; in the CPU
+interpreter (CI) it runs the same code with pointer loads. The statistics are those of the
 logits as stored, rounded to the compute dtype, which is what the gradient pass reads back.
-On an H100 this matmul ran at 0.9-1.05x cuBLAS's time (docs/benchmarks/h100-gemm-probe).
+The route is opt-in (FUSED_CEL_MATMUL=triton, see usable): on an H100 it saves the CE kernel's
+second read (Llama 3: 2.29 -> 1.50 ms a step), but this matmul is not faster than cuBLAS's
+everywhere, so the step as a whole gained at most 1.1% and lost up to 2.7%.
 """
 
 from __future__ import annotations
@@ -141,25 +143,24 @@ def n_tiles(vocab: int) -> int:
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether logits_stats runs for these operands (else the caller uses cuBLAS and the two-pass
-    cross-entropy). FUSED_CEL_MATMUL=cublas turns it off, =triton on wherever it can run (the CPU
-    interpreter too); by default it runs on Hopper GPUs (TMA), in bf16 or fp16."""
-    choice = os.environ.get("FUSED_CEL_MATMUL", "auto")
-    if choice == "cublas" or x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
+    """Whether run_chunks takes the logits from logits_stats (else cuBLAS, and the two-pass
+    cross-entropy). Opt-in, FUSED_CEL_MATMUL=triton: bf16 or fp16 operands on a CUDA GPU whose
+    rows TMA can load, or CPU tensors under TRITON_INTERPRET=1. The default (auto, or cublas) is
+    cuBLAS: on an H100 the route ran 0-1.1% faster at Llama 3's and Qwen 2.5's heads but 2-2.7%
+    slower at Gemma 2's and Mistral's (docs/benchmarks/h100-bench/matmul-route), where cuBLAS's
+    logits matmul is up to 1.35x faster than this kernel."""
+    if os.environ.get("FUSED_CEL_MATMUL", "auto") != "triton":
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
         return False
     if x.device.type == "cpu":
-        return choice == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
-    return x.device.type == "cuda" and _tma_ok(x, w) and (choice == "triton" or _hopper(x.device))
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return x.device.type == "cuda" and _tma_ok(x, w)
 
 
 def _tma_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     # TMA: unit column stride, 16-byte aligned base and row strides (else pointer loads).
     return all(t.stride(1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0 for t in (x, w))
-
-
-@functools.cache
-def _hopper(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] == 9
 
 
 @functools.cache
