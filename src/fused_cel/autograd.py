@@ -267,8 +267,7 @@ def run_token_blocks(
         xc, tt, a = x[t0 : t0 + n], targets[t0 : t0 + n], None if acc is None else acc[:n]
         run, alpha = stats[:n], alpha_buf[:n]
         run[:, 0], run[:, 1:] = float("-inf"), 0.0  # m, then s, sum of u, target logit
-        for v0 in range(0, V, cols_max):
-            cols = min(v0 + cols_max, V) - v0
+        for v0, cols in _vocab_blocks(V, cols_max):
             logits, w_blk = buf[: n * cols].view(n, cols), w[v0 : v0 + cols]
             if b is None:
                 torch.mm(xc, w_blk.t(), out=logits)
@@ -309,6 +308,19 @@ def run_token_blocks(
         _round_into(dx[t0 : t0 + n], a, out_scale)
 
 
+def _vocab_blocks(vocab: int, width: int):
+    """(first row, rows) of the blocks the low-memory plan walks W in: ``width`` rows each, but an
+    odd vocabulary's last vocab % 64 rows are a block of their own, so that every other block is a
+    multiple of 64 (cuBLAS was 5-7x slower for an odd matrix size; this plan has no padded W)."""
+    even = vocab // 64 * 64
+    if width % 64 and width < vocab:  # a width below 64 (tiny budgets): plain blocks
+        even = vocab
+    for v0 in range(0, even, width):
+        yield v0, min(v0 + width, even) - v0
+    if even < vocab:
+        yield even, vocab - even
+
+
 def run_vocab_blocks(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -338,8 +350,7 @@ def run_vocab_blocks(
     target_grad = torch.empty(tokens_max, **f32)
     acc = torch.empty((rows_max, D), **f32) if dw is not None else None
     acc_b = torch.empty(rows_max, **f32) if db is not None else None
-    for v0 in range(0, V, rows_max):
-        rows = min(v0 + rows_max, V) - v0
+    for v0, rows in _vocab_blocks(V, rows_max):
         for t0 in range(0, N, tokens_max):
             n = min(t0 + tokens_max, N) - t0
             xc, logits, tg = x[t0 : t0 + n], buf[: n * rows].view(n, rows), target_grad[:n]
