@@ -226,3 +226,16 @@ def test_round_dx_plan(backend, reduction, monkeypatch):
     opts = {"memory_budget_mib": 0.24, "reduction": reduction}
     run_case(make_inputs((4, 128), 40, 300), torch.bfloat16, backend, opts, grad_scale=4.0)
     assert torch.bfloat16 in seen, f"dX was not rounded per chunk: {seen}"
+
+
+BLOCK_CASES = [(50257, 30080), (50257, 50257), (50257, 6272), (300, 16), (300, 300), (40, 40)]
+
+
+@pytest.mark.parametrize("vocab, width", BLOCK_CASES)
+def test_vocab_blocks_cover_the_vocabulary_and_keep_large_blocks_even(vocab, width):
+    """The low-memory plan's blocks of W: consecutive, covering [0, V), at most width rows, and
+    no block of more than 1024 rows with an odd size (cuBLAS's slow kernels; no padded W here)."""
+    blocks = list(autograd._vocab_blocks(vocab, width))
+    starts = [0] + [v0 + rows for v0, rows in blocks]
+    assert [v0 for v0, _ in blocks] == starts[:-1] and starts[-1] == vocab
+    assert all(0 < rows <= width and (rows <= 1024 or rows % 64 == 0) for _, rows in blocks)

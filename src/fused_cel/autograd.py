@@ -309,16 +309,18 @@ def run_token_blocks(
 
 
 def _vocab_blocks(vocab: int, width: int):
-    """(first row, rows) of the blocks the low-memory plan walks W in: ``width`` rows each, but an
-    odd vocabulary's last vocab % 64 rows are a block of their own, so that every other block is a
-    multiple of 64 (cuBLAS was 5-7x slower for an odd matrix size; this plan has no padded W)."""
-    even = vocab // 64 * 64
-    if width % 64 and width < vocab:  # a width below 64 (tiny budgets): plain blocks
-        even = vocab
-    for v0 in range(0, even, width):
-        yield v0, min(v0 + width, even) - v0
-    if even < vocab:
-        yield even, vocab - even
+    """(first row, rows) of the blocks the low-memory plan walks W in, ``width`` rows each. This
+    plan has no padded W, and cuBLAS is several times slower for an odd matrix size: so a last
+    block of an odd vocabulary that is large (GPT-2 at 256 MiB: 20177 rows) is cut into a multiple
+    of 64 rows and the vocab % 64 rows after them; a small one stays whole (one more launch cost
+    more there)."""
+    for v0 in range(0, vocab, width):
+        rows = min(v0 + width, vocab) - v0
+        if rows > 1024 and rows % 64:
+            yield v0, rows // 64 * 64
+            yield v0 + rows // 64 * 64, rows % 64
+        else:
+            yield v0, rows
 
 
 def run_vocab_blocks(

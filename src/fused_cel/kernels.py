@@ -46,9 +46,9 @@ def _transform(z, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     # Raw logits (fp32) -> the logits the loss sees.
     u = z * logit_scale
     if HAS_SOFTCAP:
-        # tanh(x) = 2 * sigmoid(2x) - 1: absolute error ~1e-7, exact limits at +-inf. No IEEE
-        # division per element (tl.sigmoid's and u / softcap's made Gemma 2's cross-entropy pass
-        # compute-bound): a reciprocal of the scalar, and the GPU's fast division (2 ulp).
+        # tanh(x) = 2 * sigmoid(2x) - 1: absolute error ~1e-7, exact limits at +-inf. One division
+        # per element, not two (u / softcap is u times the scalar's reciprocal); on the H100 this
+        # made no measurable difference to Gemma 2's step (52.85 -> 52.63 ms).
         sig = tl.fdiv(1.0, 1.0 + tl.exp(u * (-2.0 / softcap)))
         u = softcap * (2.0 * sig - 1.0)
     return u
