@@ -8,7 +8,7 @@ every gradient.
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fused_cel
@@ -339,6 +339,11 @@ def test_module_matches_functional():
     backend=st.sampled_from(BACKENDS),
     seed=st.integers(0, 2**31 - 1),
 )
+# Found on an H100: a one-word vocabulary, so d_bias is a mean of 2 z u (1 - t**2) over tokens that
+# cancels to 1e-5 of its terms; the softcap's tanh as 2 sigmoid(2x) - 1 (absolute error 1e-7)
+# was 15x over the tolerance there.
+@example(n=28, d=5, v=1, chunk=None, use_bias=True, backend=BACKENDS[-1], seed=0, opts=dict(
+    reduction="mean", label_smoothing=0.0, z_loss=1e-3, softcap=30.0, logit_scale=1.0, shift=False))  # fmt: skip
 def test_any_shape_and_options_fp32(n, d, v, chunk, opts, use_bias, backend, seed):
     """Property: for any shape and options, fp32 results are the reference's to fp32 rounding
     (or, where cancellation makes that loose, as close as plain PyTorch in fp32 gets)."""
