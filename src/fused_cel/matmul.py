@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -30,6 +31,24 @@ import triton.language as tl
 from .kernels import _round_bf16, _transform
 
 BM, BN, BK = 128, 256, 64  # output tile (tokens x vocabulary) and reduction step
+
+
+class Config(NamedTuple):
+    """A launch configuration of the logits kernel (scripts/matmul_tune.py sweeps them)."""
+
+    bm: int = BM  # tile rows (tokens)
+    bn: int = BN  # tile columns (vocabulary): also the statistics' granularity
+    bk: int = BK  # reduction step
+    stages: int = 3  # software pipeline depth
+    warps: int = 8
+    group_m: int = 8  # row blocks per swizzle group
+
+
+def default_config(hidden: int) -> Config:
+    """The configuration run_chunks uses (the gemm probe's tuned ones, docs/benchmarks/h100-gemm-probe)."""
+    return Config(stages=3 if hidden >= 3072 else 4)
+
+
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -137,9 +156,10 @@ def _logits_kernel(
             tl.store(o_ptrs, z, mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
-def n_tiles(vocab: int) -> int:
-    """Column tiles with statistics for a vocabulary of ``vocab``: the stats tensor is [3, M, n_tiles]."""
-    return triton.cdiv(vocab, BN)
+def n_tiles(vocab: int, bn: int = BN) -> int:
+    """Column tiles with statistics for a vocabulary of ``vocab`` (tiles of bn columns): the stats
+    tensor is [2 or 3, M, n_tiles]."""
+    return triton.cdiv(vocab, bn)
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -179,27 +199,29 @@ def logits_stats(
     logit_scale: float,
     softcap: float | None,
     sum_u: bool,
+    config: Config | None = None,
 ) -> None:
     """out = x @ w.T (+ bias), rounded once to x's dtype, and the statistics of its first
     ``n_valid`` columns after the transform (logit_scale, softcap): stats[0, r, t] = max of row r's
     tile t (columns t*BN .. t*BN + BN - 1), stats[1, r, t] = sum of exp(u - that max) and, if
     ``sum_u``, stats[2, r, t] = sum of u. x [M, K], w [N, K], out [M, N] (unit column strides),
-    stats fp32 [2 or 3, M, n_tiles(n_valid)] contiguous."""
+    stats fp32 [2 or 3, M, n_tiles(n_valid, config.bn)] contiguous. config: default_config(K) if None."""
     (M, K), N = x.shape, w.shape[0]
-    tiles = n_tiles(n_valid)
+    cfg = config or default_config(K)
+    tiles = n_tiles(n_valid, cfg.bn)
     if stats.shape != (2 + sum_u, M, tiles) or not stats.is_contiguous() or out.shape != (M, N):
         raise ValueError(f"logits_stats: out {tuple(out.shape)} / stats {tuple(stats.shape)} do not fit x, w")
     if M == 0:
         return
     use_tma = x.device.type == "cuda" and _tma_ok(x, w) and _tma_ok(out, out)
-    programs = min(_programs(x.device) if use_tma else 4, triton.cdiv(M, BM) * triton.cdiv(N, BN))
+    programs = min(_programs(x.device) if use_tma else 4, triton.cdiv(M, cfg.bm) * triton.cdiv(N, cfg.bn))
     a, b, c = x, w, out
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        a = TensorDescriptor.from_tensor(x, [BM, BK])
-        b = TensorDescriptor.from_tensor(w, [BN, BK])
-        c = TensorDescriptor.from_tensor(out, [BM, BN // 2])
+        a = TensorDescriptor.from_tensor(x, [cfg.bm, cfg.bk])
+        b = TensorDescriptor.from_tensor(w, [cfg.bn, cfg.bk])
+        c = TensorDescriptor.from_tensor(out, [cfg.bm, cfg.bn // 2])
     _logits_kernel[(programs,)](
         a,
         b,
@@ -223,11 +245,11 @@ def logits_stats(
         USE_TMA=use_tma,
         OUT_FP16=x.dtype == torch.float16,
         ROUND_BF16=not use_tma and x.dtype == torch.bfloat16,
-        BLOCK_M=BM,
-        BLOCK_N=BN,
-        BLOCK_K=BK,
-        GROUP_M=8,
+        BLOCK_M=cfg.bm,
+        BLOCK_N=cfg.bn,
+        BLOCK_K=cfg.bk,
+        GROUP_M=cfg.group_m,
         NUM_PROGRAMS=programs,
-        num_warps=8,
-        num_stages=3 if K >= 3072 else 4,
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
