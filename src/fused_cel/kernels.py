@@ -47,8 +47,9 @@ def _transform(z, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     u = z * logit_scale
     if HAS_SOFTCAP:
         # tanh(x) = 2 * sigmoid(2x) - 1 has an absolute error ~1e-7 (exact limits at +-inf): for
-        # |x| < 1/4 an odd polynomial instead (Taylor to x**9, relative error < 1e-8), so that
-        # small capped logits keep a relative accuracy (a mean of them may cancel to far less).
+        # |x| < 1/4 an odd polynomial instead (Taylor to x**9: truncation < 1e-8, so ~1e-7 relative
+        # from fp32 rounding), so that small capped logits keep a relative accuracy (a mean of
+        # them may cancel to far less than the logits).
         x = u * (1.0 / softcap)
         x2 = x * x
         poly = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
