@@ -193,7 +193,7 @@ def speed_at(n, D, V, bounds, dev, rows):
     say(f"N={n}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in results.items()) + f"; efficiency {eff:.2f}")
 
 
-def fsdp2(dev, cpu, rows):
+def fsdp2(dev, cpu, rows, profile=False):
     import transformers
     from torch.distributed.fsdp import fully_shard
 
@@ -230,7 +230,11 @@ def fsdp2(dev, cpu, rows):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
         curve, times = [], []
-        for ids in data:
+        for step_no, ids in enumerate(data):
+            if profile and step_no == len(data) - 3:  # the last 3 steps, traced (rank 0 prints)
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else []))  # fmt: skip
+                prof.__enter__()
             ids = ids.to(dev)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
@@ -243,6 +247,11 @@ def fsdp2(dev, cpu, rows):
             dist.all_reduce(mean)
             curve.append(mean.item() / world)  # a host sync: also the end of the step
             times.append(time.perf_counter() - t0)
+        if profile:
+            prof.__exit__(None, None, None)
+            key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            table = prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60)
+            say(f"--- profile of {name}, last 3 steps ---\n{table}")
         peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
         tps = world * batch * seq / statistics.median(times[len(times) // 4 :])
         losses[name], summary[name] = curve, (peak, tps)
@@ -266,6 +275,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="gloo on the CPU, tiny shapes (a dry run)")
     ap.add_argument("--parts", default="correctness,speed,fsdp2")
+    ap.add_argument("--profile", action="store_true", help="fsdp2: trace the last 3 steps of each run, print tables")
     args = ap.parse_args()
     if args.cpu:
         dev = torch.device("cpu")
@@ -283,7 +293,7 @@ def main():
     if "speed" in parts:
         speed(dev, args.cpu, rows)
     if "fsdp2" in parts:
-        ok &= fsdp2(dev, args.cpu, rows)
+        ok &= fsdp2(dev, args.cpu, rows, profile=args.profile)
     if dist.get_rank() == 0 and os.environ.get("OUT"):
         keys = list(dict.fromkeys(k for r in rows for k in r))
         with open(os.path.join(os.environ["OUT"], "multi_gpu.csv"), "w", newline="") as f:
