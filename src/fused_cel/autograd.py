@@ -70,14 +70,17 @@ def auto_chunk_size(n_tokens: int, vocab: int, dim: int, device: torch.device, b
     The Triton path keeps one [chunk, V] buffer in the compute dtype. Larger chunks make the dW
     accumulation (which reads and writes V x D in fp32 once per chunk) cheap next to its matmul:
     on an H100 at Llama 3's head, 2048 -> 4096 tokens took fwd+bwd from 1.22x to 1.16x the
-    matmul floor, 1.41x -> 1.15x at Qwen 2.5's (docs/benchmarks). When dW is computed the buffer
-    may be as large as W: that costs no peak memory, because backward holds the fp32 dW and dX
-    accumulators together with the dW and dX they are rounded into, which is larger. Otherwise
-    2**28 elements (512 MiB in bf16). The torch path holds a few fp32 temporaries of the chunk:
-    2**22 elements.
+    matmul floor, 1.41x -> 1.15x at Qwen 2.5's (docs/benchmarks). That traffic next to the dW
+    matmul's flops is about 8 / (2 * chunk) bytes per flop whatever V and D are, so when dW is
+    computed chunks have at least 4096 tokens: Gemma 2's head (D = 2304) took 53.7 ms with
+    2304-token chunks and 49.7 ms with 4096 (+839 MiB). The buffer may be as large as W
+    (chunk = D tokens) at no cost in peak memory, because backward holds the fp32 dW and dX
+    accumulators together with the dW and dX they are rounded into, which is larger; a chunk
+    of 4096 with D < 4096 costs V x (4096 - D) x 2 bytes more. Without dW, 2**28 elements (512
+    MiB in bf16). The torch path holds a few fp32 temporaries of the chunk: 2**22 elements.
     """
     if backend == "triton" and device.type == "cuda":
-        budget = max(2**28, vocab * dim) if weight_grad else 2**28
+        budget = max(2**28, vocab * max(dim, 4096)) if weight_grad else 2**28
         chunk = max(128, budget // max(vocab, 1) // 128 * 128)  # a multiple of 128 for the matmuls
     else:
         chunk = max(16, 2**22 // max(vocab, 1))
