@@ -91,7 +91,12 @@ def test_ce_chunk_with_tile_stats_equals_two_passes(opts):
         results.append((z, loss, lse, tg))
     for name, got, want in zip(("grad", "loss", "lse", "target grad"), results[1], results[0]):
         assert torch.isfinite(got).all(), name
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-6, atol=2e-6, msg=name)
+        if name == "grad":  # bf16: the merged lse differs in its last fp32 bits, so a rounding may
+            # land one bf16 step apart, rarely
+            assert (got != want).float().mean() < 1e-3, name
+            torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6, msg=name)
+        else:
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-6, atol=2e-6, msg=name)
 
 
 def test_usable_follows_the_switch(monkeypatch):
