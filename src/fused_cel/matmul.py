@@ -13,8 +13,8 @@ The matmul is persistent (one program per SM walking output tiles, grouped so th
 programs share W's tiles in L2) and loads through TMA descriptors on a GPU; in the CPU
 interpreter (CI) it runs the same code with pointer loads. The statistics are those of the
 logits as stored, rounded to the compute dtype, which is what the gradient pass reads back.
-The route is opt-in (FUSED_CEL_MATMUL=triton, see usable): on an H100 it saves the CE kernel's
-second read (Llama 3: 2.29 -> 1.50 ms a step), but this matmul is not faster than cuBLAS's
+The route is opt-in (FUSED_CEL_MATMUL=triton, see usable): on an H100 it saves one of the CE kernel's
+two reads (Llama 3: 2.29 -> 1.50 ms a step), but this matmul is not faster than cuBLAS's
 everywhere, so the step as a whole gained at most 1.1% and lost up to 2.7%.
 """
 
