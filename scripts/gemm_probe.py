@@ -52,10 +52,9 @@ import triton.testing  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
+from fused_cel.matmul import _mma, _tile_coords  # noqa: E402  (the production kernel's helpers)
+
 LOG2E = tl.constexpr(1.4426950408889634)  # jit code may read globals only if they are constexpr
-# Triton's CPU interpreter (3.9 at least) multiplies bf16 operands of tl.dot as their raw 16-bit
-# patterns; there the operands are widened to fp32 first (exact products, same sums).
-INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 T0 = time.time()
 
 
@@ -66,26 +65,6 @@ def log(msg):
 # ----------------------------------------------------------------------------------------------
 # Shared jit helpers
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    # Linear tile index -> (row block, column block), walking GROUP_M row blocks down each
-    # column before moving right, so that concurrent programs share operand tiles in L2.
-    per_group = GROUP_M * num_pid_n
-    first_m = (tile // per_group) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % per_group) % size_m
-    pid_n = (tile % per_group) // size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _mma(a, b, acc):
-    # acc + a @ b, fp32 accumulation (see INTERPRET).
-    if INTERPRET:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
 
 
 @triton.jit

@@ -17,6 +17,7 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 import fused_cel  # noqa: E402
+from fused_cel import autograd  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch"] + (["triton"] if fused_cel.triton_available(DEVICE) else [])
@@ -61,3 +62,21 @@ def _fresh_seed():
     torch.manual_seed(seed)
     print(f"torch.manual_seed({seed})")
     yield seed
+
+
+def spy_calls(monkeypatch, name, record, module=autograd):
+    """Replace module.<name> with a wrapper that appends record(args, kwargs) per call."""
+    calls = []
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(record(args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def grads_written(args, kwargs):
+    """spy_calls record of run_chunks: which of dX, dW, db the call writes."""
+    return tuple(kwargs.get(k) is not None for k in ("dx", "dw", "db"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fused_cel import autograd, budget, linear_cross_entropy, linear_cross_entropy_reference
-from conftest import BACKENDS, DEVICE, rel_err
+from conftest import BACKENDS, DEVICE, rel_err, spy_calls
 from test_functional import DTYPES, make_inputs, run_case
 
 MIB = 2**20
@@ -68,19 +68,6 @@ def test_budget_too_small_is_a_clear_error():
     hidden, weight, _, labels = make_inputs((8,), 16, 50)
     with pytest.raises(ValueError, match=r"memory_budget_mib=0.0001 is too small for this shape"):
         linear_cross_entropy(hidden.requires_grad_(), weight, labels, memory_budget_mib=1e-4)
-
-
-def spy_calls(monkeypatch, name, record):
-    """Replace autograd.<name> with a wrapper that appends record(args, kwargs) per call."""
-    calls = []
-    original = getattr(autograd, name)
-
-    def spy(*args, **kwargs):
-        calls.append(record(args, kwargs))
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(autograd, name, spy)
-    return calls
 
 
 def count_vocab_passes(monkeypatch):

@@ -13,8 +13,8 @@ import functools
 import pytest
 import torch
 
-from fused_cel import autograd, linear_cross_entropy, op
-from conftest import BACKENDS, DEVICE
+from fused_cel import linear_cross_entropy, op
+from conftest import BACKENDS, DEVICE, grads_written, spy_calls
 from test_budget import LOW
 from test_functional import check_autocast, leaves, make_inputs, run_case
 
@@ -113,11 +113,7 @@ def eager_and_compiled(fn, inputs, dtype, backend, opts, trainable=(True, True, 
 
 @pytest.mark.parametrize("backend, compiler, dtype, case", RUNS, ids=lambda v: str(v).replace("torch.", ""))
 def test_compiled_matches_eager_and_float64(backend, compiler, dtype, case, monkeypatch):
-    vocab_passes = []
-    run_vocab_blocks = autograd.run_vocab_blocks
-    monkeypatch.setattr(
-        autograd, "run_vocab_blocks", lambda *a, **k: vocab_passes.append(1) or run_vocab_blocks(*a, **k)
-    )
+    vocab_passes = spy_calls(monkeypatch, "run_vocab_blocks", lambda args, kwargs: 1)
     opts = CASES[case]
     inputs = make_inputs(*SHAPE)
     fn, recorder = compiled(compiler)
@@ -133,14 +129,7 @@ def test_compiled_matches_eager_and_float64(backend, compiler, dtype, case, monk
 @pytest.mark.parametrize("backend, compiler", PAIRS)
 def test_compiled_partial_grads(backend, compiler, reduction, trainable, monkeypatch):
     """Only the tensors that require grad get gradients, and only theirs are computed."""
-    calls = []
-    run_chunks = autograd.run_chunks
-
-    def spy(*args, dx=None, dw=None, db=None, **kwargs):
-        calls.append((dx is not None, dw is not None, db is not None))
-        return run_chunks(*args, dx=dx, dw=dw, db=db, **kwargs)
-
-    monkeypatch.setattr(autograd, "run_chunks", spy)
+    calls = spy_calls(monkeypatch, "run_chunks", grads_written)
     inputs = make_inputs(*SHAPE)
     fn, _ = compiled(compiler)
     opts = {"reduction": reduction, "shift": True}
@@ -154,14 +143,7 @@ def test_compiled_partial_grads(backend, compiler, reduction, trainable, monkeyp
 @pytest.mark.parametrize("backend, compiler", PAIRS)
 def test_compiled_no_grad(backend, compiler, reduction, monkeypatch):
     """Under no_grad the compiled op is the one-pass loss: no gradient is written."""
-    calls = []
-    run_chunks = autograd.run_chunks
-
-    def spy(*args, dx=None, dw=None, db=None, **kwargs):
-        calls.append((dx, dw, db))
-        return run_chunks(*args, dx=dx, dw=dw, db=db, **kwargs)
-
-    monkeypatch.setattr(autograd, "run_chunks", spy)
+    calls = spy_calls(monkeypatch, "run_chunks", grads_written)
     hidden, weight, bias, labels = make_inputs((2, 11), 24, 300)
     opts = dict(reduction=reduction, softcap=5.0, label_smoothing=0.1, shift=True, backend=backend, chunk_size=5)
     fn, recorder = compiled(compiler)
@@ -169,7 +151,7 @@ def test_compiled_no_grad(backend, compiler, reduction, monkeypatch):
         ours = fn(hidden, weight.requires_grad_(), labels, bias, **opts)
         eager = linear_cross_entropy(hidden, weight, labels, bias, **opts)
     torch.testing.assert_close(ours, eager, **SAME)
-    assert calls == [(None, None, None)] * 2 and recorder.ops() == [FORWARD_OP]
+    assert calls == [(False, False, False)] * 2 and recorder.ops() == [FORWARD_OP]
 
 
 @pytest.mark.parametrize("backend, compiler", PAIRS)

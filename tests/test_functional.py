@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fused_cel
-from fused_cel import autograd, linear_cross_entropy, linear_cross_entropy_reference
-from conftest import BACKENDS, DEVICE, assert_close_to_baseline, rel_err
+from fused_cel import linear_cross_entropy, linear_cross_entropy_reference
+from conftest import BACKENDS, DEVICE, assert_close_to_baseline, grads_written, rel_err, spy_calls
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LOSS_OPTS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale", "shift", "num_items")
@@ -140,14 +140,7 @@ def test_gpt2_vocab(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen(backend, trainable, reduction, monkeypatch):
     """Only tensors that require grad get gradients, and no work is spent on the others."""
-    calls = []
-    run_chunks = autograd.run_chunks
-
-    def spy(*args, dx=None, dw=None, db=None, **kwargs):
-        calls.append((dx is not None, dw is not None, db is not None))
-        return run_chunks(*args, dx=dx, dw=dw, db=db, **kwargs)
-
-    monkeypatch.setattr(autograd, "run_chunks", spy)
+    calls = spy_calls(monkeypatch, "run_chunks", grads_written)
     run_case(
         make_inputs((37,), 40, 300),
         torch.bfloat16,

@@ -10,7 +10,7 @@ import torch
 
 import fused_cel
 from fused_cel import torch_impl
-from conftest import BACKENDS, DEVICE, rel_err
+from conftest import BACKENDS, DEVICE, rel_err, spy_calls
 
 if "triton" not in BACKENDS:
     pytest.skip("Triton cannot run here", allow_module_level=True)
@@ -121,9 +121,7 @@ def test_chunk_loop_through_the_matmul(monkeypatch, bias, reduction):
     labels = torch.randint(0, V, (N,), device=DEVICE)
     labels[::7] = -100
     opts = dict(backend="triton", reduction=reduction, chunk_size=128, label_smoothing=0.1, z_loss=1e-4, softcap=8.0)
-    calls = []
-    original = matmul.logits_stats
-    monkeypatch.setattr(matmul, "logits_stats", lambda *a, **k: calls.append(1) or original(*a, **k))
+    calls = spy_calls(monkeypatch, "logits_stats", lambda args, kwargs: 1, module=matmul)
     results, grad = {}, torch.randn(N, device=DEVICE) if reduction == "none" else torch.tensor(0.7, device=DEVICE)
     for route in ("cublas", "triton"):
         monkeypatch.setenv("FUSED_CEL_MATMUL", route)
