@@ -167,12 +167,13 @@ def _head_forward(state, stock_forward):
         )
         if state.return_logits:
             return stock_forward(hidden_states)
-        state.placeholder = hidden_states.new_empty((*hidden_states.shape[:-1], 0))
-        if torch.is_grad_enabled() and head.weight.requires_grad:
-            # Part of the graph (loss_function adds its empty sum), so that backward reaches the
-            # head's output as it does the stock logits: DeepSpeed ZeRO-3 and FSDP1 prepare a
-            # module's parameters for backward from a hook on its output.
-            state.placeholder.requires_grad_()
+        # With a trainable head, part of the graph (loss_function adds its empty sum), so that
+        # backward reaches the head's output as it does the stock logits: DeepSpeed ZeRO-3 and
+        # FSDP1 prepare a module's parameters for backward from a hook on its output. Created
+        # requiring grad (not requires_grad_() after): torch.compile then traces it without a
+        # graph break.
+        grad = torch.is_grad_enabled() and head.weight.requires_grad
+        state.placeholder = hidden_states.new_empty((*hidden_states.shape[:-1], 0), requires_grad=grad)
         return state.placeholder
 
     return forward
