@@ -213,7 +213,7 @@ def run_chunks(
             _mm(logits_mm, w_mm, out=dxc)
             fold(dxc, None, w, y, tg)
             if dx_tile is not None:
-                _round_into(dx[start:end], dxc, out_scale)
+                _round_into(dx[start:end], dxc, out_scale, opts.backend)
         if dw is not None:
             _mm(logits.t(), xc, out=dw, accumulate=start > 0)
             fold(dw, y, xc, None, tg)
@@ -308,7 +308,7 @@ def run_token_blocks(
             a.addr_(e, colsum, alpha=-1.0)
             g_y = g_y + e
         fold(a, None, w, y.clamp(0, V - 1), g_y)
-        _round_into(dx[t0 : t0 + n], a, out_scale)
+        _round_into(dx[t0 : t0 + n], a, out_scale, opts.backend)
 
 
 def _vocab_blocks(vocab: int, width: int):
@@ -386,9 +386,9 @@ def run_vocab_blocks(
                 acc_b[:rows].add_(logits.sum(0, dtype=torch.float32))
                 acc_b[:rows].index_add_(0, y, tg)
         if acc is not None:
-            _round_into(dw[v0 : v0 + rows], acc[:rows], out_scale)
+            _round_into(dw[v0 : v0 + rows], acc[:rows], out_scale, opts.backend)
         if acc_b is not None:
-            _round_into(db[v0 : v0 + rows], acc_b[:rows], out_scale)
+            _round_into(db[v0 : v0 + rows], acc_b[:rows], out_scale, opts.backend)
 
 
 def _token_pass(x, w, b, targets, opts: Options, plan: budget.Plan | None, *, shard=None, **kw) -> None:
@@ -409,10 +409,13 @@ def _ops(backend: str):
     return kernels.ce_chunk, torch_impl.fold if deterministic else kernels.fold
 
 
-def _round_into(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor | None) -> None:
-    """out = src * scale (if given), computed in fp32 and rounded once to out's dtype."""
+def _round_into(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor | None, backend: str) -> None:
+    """out = src * scale (if given), computed in fp32 and rounded once to out's dtype; on the
+    Triton backend by kernels.scale_into (torch.mul with a dtype change is slower, see there)."""
     if scale is None:
         out.copy_(src)
+    elif backend == "triton" and scale.numel() == 1:
+        kernels.scale_into(out, src, scale.reshape(1).float())
     else:
         torch.mul(src, scale, out=out)
 
@@ -505,7 +508,8 @@ def backward_none(
     grads = empty_grads(x, w, need, dtypes)
     _run_plan(x, w, b, targets, opts, plan, grads, loss=None, lse=lse, grad_scale=scale, out_scale=None, shard=shard)
     own = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, own))
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    return tuple(None if g is None else _cast_into(g, one, dt, opts.backend) for g, dt in zip(grads, own))
 
 
 def grad_layout(opts: Options, hidden, weight, bias, compute_dtype, need):
