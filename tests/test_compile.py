@@ -164,7 +164,7 @@ def test_compiled_under_autocast(backend, compiler):
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         loss = linear_cross_entropy(x, w, labels, b, backend=backend, chunk_size=8)
     loss.backward()
-    torch.testing.assert_close(ours, [loss.detach(), x.grad, w.grad, b.grad], rtol=0, atol=0)
+    torch.testing.assert_close(ours, [loss.detach(), x.grad, w.grad, b.grad], **SAME)
     assert recorder.ops() == [FORWARD_OP]
 
 
@@ -200,7 +200,7 @@ def test_compiled_model_with_dynamic_shapes():
             loss = f(x, labels, 20 + step)
             loss.backward()
             losses.append((loss.detach(), proj.weight.grad.clone()))
-        torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+        torch.testing.assert_close(losses[1], losses[0], **SAME)
     assert len(recorder.graphs) <= 2, f"{len(recorder.graphs)} graphs for 4 batch lengths"
 
 
