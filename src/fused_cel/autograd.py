@@ -509,7 +509,8 @@ def backward_none(
     _run_plan(x, w, b, targets, opts, plan, grads, loss=None, lse=lse, grad_scale=scale, out_scale=None, shard=shard)
     own = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     one = torch.ones((), dtype=torch.float32, device=x.device)
-    return tuple(None if g is None else _cast_into(g, one, dt, opts.backend) for g, dt in zip(grads, own))
+    cast = [None if g is None or g.dtype == dt else _cast_into(g, one, dt, opts.backend) for g, dt in zip(grads, own)]
+    return tuple(g if c is None else c for g, c in zip(grads, cast))
 
 
 def grad_layout(opts: Options, hidden, weight, bias, compute_dtype, need):
