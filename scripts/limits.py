@@ -5,8 +5,9 @@ For each head, timed in one run (forward + backward, bf16):
   floor       the 3 matmuls (2 frozen, 4 for the low-memory plans' recompute) at full size
   fused_cel   the op as shipped: default, frozen weight, memory_budget_mib=64
   skeleton    the same call with the cross-entropy kernel and the target fold replaced by
-              no-ops: what the chunked cuBLAS matmuls, the fp32 accumulators and the casts cost
-              alone, i.e. the best the op can do with any CE kernel
+              no-ops. Meant as a bound on any CE kernel, it is not one: its dX and dW matmuls
+              multiply raw logits instead of gradients, and cuBLAS's speed depends on the values
+              (on the H100 it was slower than the op itself at Llama 3's head)
   ce min      one read and one write of the N x V logits at the copy bandwidth measured here:
               the least a separate CE pass can cost
   bf16 sum    the chunk loop with chunks small enough for a quarter of torch.compile's memory
