@@ -57,14 +57,19 @@ def _noop(*args, **kwargs):
 
 
 @contextlib.contextmanager
-def skeleton():
-    """fused_cel with no cross-entropy work: its CE kernel and target fold do nothing."""
+def ops(ce_chunk, fold):
+    """fused_cel.autograd with this (ce_chunk, fold) pair on every backend."""
     real = autograd._ops
-    autograd._ops = lambda backend: (_noop, _noop)
+    autograd._ops = lambda backend: (ce_chunk, fold)
     try:
         yield
     finally:
         autograd._ops = real
+
+
+def skeleton():
+    """fused_cel with no cross-entropy work: its CE kernel and target fold do nothing."""
+    return ops(_noop, _noop)
 
 
 def bf16_sum(x, w, y, cap, chunk, ce=True):
@@ -78,19 +83,15 @@ def bf16_sum(x, w, y, cap, chunk, ce=True):
     scale = 1.0 / (y != -100).sum().clamp(min=1).float()
     dx, dw = torch.empty_like(x), torch.empty_like(w)
     opts = autograd.Options(backend="triton", softcap=cap, chunk_size=chunk)
-    real = autograd._ops
-    ce_chunk = real("triton")[0]
+    ce_chunk = autograd._ops("triton")[0]
 
     def ce_with_targets(logits, targets, loss, lse, grad_scale, target_grad, **kw):
         ce_chunk(logits, targets, loss, lse, grad_scale, target_grad, **kw)
         column = targets.clamp(0, logits.shape[1] - 1).long()[:, None]  # ignored rows: all 0, tg 0
         logits.scatter_(1, column, target_grad[:, None].to(logits.dtype))
 
-    autograd._ops = lambda backend: (ce_with_targets if ce else _noop, _noop)
-    try:
+    with ops(ce_with_targets if ce else _noop, _noop):
         autograd.run_chunks(x, w, None, y, opts, loss=loss, lse=lse, grad_scale=scale, dx=dx, dw=dw)
-    finally:
-        autograd._ops = real
     return dx, dw
 
 

@@ -411,10 +411,11 @@ def _ops(backend: str):
 
 def _round_into(out: torch.Tensor, src: torch.Tensor, scale: torch.Tensor | None, backend: str) -> None:
     """out = src * scale (if given), computed in fp32 and rounded once to out's dtype; on the
-    Triton backend by kernels.scale_into (torch.mul with a dtype change is slower, see there)."""
+    Triton backend by kernels.scale_into (torch.mul with a dtype change is slower, see there),
+    unless src is a fake or functional tensor (traced for a compiled graph)."""
     if scale is None:
         out.copy_(src)
-    elif backend == "triton" and scale.numel() == 1:
+    elif backend == "triton" and scale.numel() == 1 and type(src) is torch.Tensor:
         kernels.scale_into(out, src, scale.reshape(1).float())
     else:
         torch.mul(src, scale, out=out)
@@ -445,9 +446,8 @@ def _cast_into(src: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, backe
             return kernels.scale_(src, scale.reshape(1).float())
         return src.mul_(scale)
     out = torch.empty(src.shape, dtype=dtype, device=src.device)
-    if backend == "triton" and scale.numel() == 1 and type(src) is torch.Tensor:
-        return kernels.scale_into(out, src, scale.reshape(1).float())
-    return torch.mul(src, scale, out=out)
+    _round_into(out, src, scale, backend)
+    return out
 
 
 Grads = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
@@ -509,8 +509,7 @@ def backward_none(
     _run_plan(x, w, b, targets, opts, plan, grads, loss=None, lse=lse, grad_scale=scale, out_scale=None, shard=shard)
     own = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     one = torch.ones((), dtype=torch.float32, device=x.device)
-    cast = [None if g is None or g.dtype == dt else _cast_into(g, one, dt, opts.backend) for g, dt in zip(grads, own)]
-    return tuple(g if c is None else c for g, c in zip(grads, cast))
+    return tuple(g if g is None or g.dtype == dt else _cast_into(g, one, dt, opts.backend) for g, dt in zip(grads, own))
 
 
 def grad_layout(opts: Options, hidden, weight, bias, compute_dtype, need):
