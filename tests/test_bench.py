@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fused_cel import bench, demo
+from fused_cel import bench
 
 METHODS = ["plain", "fused_cel", "fused_cel[chunk_size=16]"]
 TOKENS = [32, 64]
@@ -80,10 +80,6 @@ def test_fused_settings_are_parsed():
     assert bench.fused_kwargs("fused_cel") == {}
     assert bench.fused_kwargs("fused_cel[chunk_size=4096; backend=torch]") == {"chunk_size": 4096, "backend": "torch"}
     assert bench.fused_kwargs("fused_cel[softcap=30.0;check_labels=False]") == {"softcap": 30.0, "check_labels": False}
-
-
-def test_demo_uses_the_shared_helpers():
-    assert demo.make_inputs is bench.make_inputs and demo.reference is bench.reference and demo.step is bench.step
 
 
 def test_out_of_memory_is_recorded_not_raised(tmp_path, monkeypatch):

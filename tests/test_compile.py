@@ -3,7 +3,7 @@
 Dynamo must capture one graph in which the chunked computation is one opaque custom op
 (fused_cel::linear_cross_entropy, fused_cel/op.py); fullgraph=True makes any graph break an error.
 The compiled loss and gradients must equal eager's and be as close to float64 as plain PyTorch's
-(test_functional.run_case), on both backends, compiled by Dynamo's aot_eager backend and by
+(helpers.run_case), on both backends, compiled by Dynamo's aot_eager backend and by
 Inductor (which on the CPU needs a C++ compiler: skipped with the reason when it cannot run).
 torch.library.opcheck checks the ops' schemas, fake implementations and autograd registration.
 """
@@ -13,10 +13,9 @@ import functools
 import pytest
 import torch
 
-from fused_cel import linear_cross_entropy, op
-from conftest import BACKENDS, DEVICE, grads_written, spy_calls
-from test_budget import LOW
-from test_functional import check_autocast, leaves, make_inputs, run_case
+from fused_cel import linear_cross_entropy, low_memory, op
+from fused_cel.options import Options
+from helpers import BACKENDS, DEVICE, LOW, check_autocast, count_chunk_loops, leaves, make_inputs, run_case, spy_calls
 
 COMPILERS = ["aot_eager", "inductor"]
 DTYPES = [torch.bfloat16, torch.float32]
@@ -113,7 +112,7 @@ def eager_and_compiled(fn, inputs, dtype, backend, opts, trainable=(True, True, 
 
 @pytest.mark.parametrize("backend, compiler, dtype, case", RUNS, ids=lambda v: str(v).replace("torch.", ""))
 def test_compiled_matches_eager_and_float64(backend, compiler, dtype, case, monkeypatch):
-    vocab_passes = spy_calls(monkeypatch, "run_vocab_blocks", lambda args, kwargs: 1)
+    vocab_passes = spy_calls(monkeypatch, low_memory, "vocab_pass", lambda args, kwargs: 1)
     opts = CASES[case]
     inputs = make_inputs(*SHAPE)
     fn, recorder = compiled(compiler)
@@ -129,7 +128,7 @@ def test_compiled_matches_eager_and_float64(backend, compiler, dtype, case, monk
 @pytest.mark.parametrize("backend, compiler", PAIRS)
 def test_compiled_partial_grads(backend, compiler, reduction, trainable, monkeypatch):
     """Only the tensors that require grad get gradients, and only theirs are computed."""
-    calls = spy_calls(monkeypatch, "run_chunks", grads_written)
+    calls = count_chunk_loops(monkeypatch)
     inputs = make_inputs(*SHAPE)
     fn, _ = compiled(compiler)
     opts = {"reduction": reduction, "shift": True}
@@ -143,7 +142,7 @@ def test_compiled_partial_grads(backend, compiler, reduction, trainable, monkeyp
 @pytest.mark.parametrize("backend, compiler", PAIRS)
 def test_compiled_no_grad(backend, compiler, reduction, monkeypatch):
     """Under no_grad the compiled op is the one-pass loss: no gradient is written."""
-    calls = spy_calls(monkeypatch, "run_chunks", grads_written)
+    calls = count_chunk_loops(monkeypatch)
     hidden, weight, bias, labels = make_inputs((2, 11), 24, 300)
     opts = dict(reduction=reduction, softcap=5.0, label_smoothing=0.1, shift=True, backend=backend, chunk_size=5)
     fn, recorder = compiled(compiler)
@@ -213,9 +212,17 @@ def op_args(reduction="mean", dtype=torch.float32, need=(True, True, True), budg
     targets = torch.randint(0, v, (n,), device=DEVICE)
     targets[:3] = -100
     divisor = torch.tensor(9.0, device=DEVICE) if reduction == "mean" else None
-    loss_options = (-100, reduction, 0.1, 1e-3, 5.0, 1.0, 4 if budget is None else None, budget, backend)
-    group = (None, 0, v, True)
-    return (hidden, weight, bias, targets, divisor, *loss_options, dtype, *group, True, *need)
+    opts = Options(
+        reduction=reduction,
+        label_smoothing=0.1,
+        z_loss=1e-3,
+        softcap=5.0,
+        chunk_size=4 if budget is None else None,
+        memory_budget_mib=budget,
+        backend=backend,
+        compute_dtype=dtype,
+    )
+    return (hidden, weight, bias, targets, divisor, *op.flatten(opts, need))
 
 
 # Where the op returns gradients already in their parameters' dtype (fp32 parameters, the
@@ -230,7 +237,7 @@ OPCHECKS = {
     "none": (dict(reduction="none"), ALL_TESTS),
     "no_grad": (dict(need=(False, False, False)), ALL_TESTS),
     "mean_fp32": (dict(), NO_AOT),
-    "low_memory_bf16": (dict(dtype=torch.bfloat16, budget=LOW * 2**20), NO_AOT),
+    "low_memory_bf16": (dict(dtype=torch.bfloat16, budget=LOW), NO_AOT),
     "triton_mean_bf16": (dict(dtype=torch.bfloat16, backend="triton"), ALL_TESTS),
 }
 
@@ -245,8 +252,8 @@ def test_opcheck_forward(case):
 
 @pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, True)], ids=str)
 def test_opcheck_backward(need):
-    hidden, weight, bias, targets, _, *config = op_args("none", need=need)
+    hidden, weight, bias, targets, _, *options = op_args("none", need=need)
     lse = torch.logsumexp(hidden.detach() @ weight.detach().T + bias.detach(), dim=-1)
     grad = torch.randn(hidden.shape[0], device=DEVICE)
-    args = (grad, hidden.detach(), weight.detach(), bias.detach(), targets, lse, *config[:-4], *need)
+    args = (grad, hidden.detach(), weight.detach(), bias.detach(), targets, lse, *options)
     torch.library.opcheck(op.backward_op, args)

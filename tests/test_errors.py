@@ -6,16 +6,15 @@ import math
 import pytest
 import torch
 
-from fused_cel import FusedLinearCrossEntropyLoss, autograd, linear_cross_entropy
-from conftest import BACKENDS, DEVICE
+from fused_cel import FusedLinearCrossEntropyLoss, api, backends, linear_cross_entropy
+from helpers import BACKENDS, make_inputs
 
 V, D = 50, 16
 
 
-def make_inputs():
-    hidden = torch.randn(2, 5, D, device=DEVICE)
-    weight = torch.randn(V, D, device=DEVICE)
-    labels = torch.randint(0, V, (2, 5), device=DEVICE)
+def small_inputs():
+    """hidden [2, 5, D], weight [V, D], labels [2, 5], none ignored."""
+    hidden, weight, _, labels = make_inputs((2, 5), D, V, ignore_frac=0.0)
     return hidden, weight, labels
 
 
@@ -140,7 +139,7 @@ TENSOR_CASES = [
 @pytest.mark.parametrize("make, exc, match", [c[1:] for c in TENSOR_CASES], ids=[c[0] for c in TENSOR_CASES])
 def test_bad_tensors(make, exc, match):
     with pytest.raises(exc, match=match):
-        linear_cross_entropy(*make(*make_inputs()))
+        linear_cross_entropy(*make(*small_inputs()))
 
 
 # (keyword options, exception, message regex); the module checks the same options at construction.
@@ -212,7 +211,7 @@ PARALLEL_CASES = [
 @pytest.mark.parametrize("kwargs, exc, match", OPTION_CASES + NUM_ITEMS_CASES + PARALLEL_CASES, ids=str)
 def test_bad_options(kwargs, exc, match):
     with pytest.raises(exc, match=match):
-        linear_cross_entropy(*make_inputs(), **kwargs)
+        linear_cross_entropy(*small_inputs(), **kwargs)
 
 
 @pytest.mark.parametrize("kwargs, exc, match", OPTION_CASES + NUM_ITEMS_CASES + PARALLEL_CASES, ids=str)
@@ -230,13 +229,13 @@ def test_module_unknown_option(kwargs, unknown):
 
 
 def test_module_bad_tensors():
-    hidden, weight, labels = make_inputs()
+    hidden, weight, labels = small_inputs()
     with pytest.raises(ValueError, match=r"hidden's last dim \(16\) must equal weight's D \(8\)"):
         FusedLinearCrossEntropyLoss(reduction="sum")(hidden, weight[:, :8], labels)
 
 
 def test_shift_needs_sequence_dim():
-    hidden, weight, labels = make_inputs()
+    hidden, weight, labels = small_inputs()
     with pytest.raises(ValueError, match=r"shift=True needs a sequence dimension: hidden must be at least \[T, D\]"):
         linear_cross_entropy(hidden[0, 0], weight, labels[0, 0], shift=True)
 
@@ -253,7 +252,7 @@ def test_shift_needs_sequence_dim():
     ],
 )
 def test_label_out_of_range(backend, bad, kwargs, match):
-    hidden, weight, labels = make_inputs()
+    hidden, weight, labels = small_inputs()
     labels[1, -1] = bad  # with shift=True the last label is still a target (of position -2)
     with pytest.raises(ValueError, match=match):
         linear_cross_entropy(hidden, weight, labels, backend=backend, **kwargs)
@@ -264,7 +263,7 @@ def test_label_out_of_range(backend, bad, kwargs, match):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [V, -1])
 def test_unchecked_label_gives_nan(backend, bad):
-    hidden, weight, labels = make_inputs()
+    hidden, weight, labels = small_inputs()
     labels[1, 2] = bad
     loss = linear_cross_entropy(hidden, weight, labels, check_labels=False, backend=backend)
     assert torch.isnan(loss)
@@ -272,23 +271,23 @@ def test_unchecked_label_gives_nan(backend, bad):
     assert torch.isnan(per_token[1, 2]) and torch.isfinite(per_token[labels != bad]).all()
 
 
-@pytest.mark.skipif("triton" in BACKENDS, reason="Triton can run here")
-def test_triton_backend_unavailable():
+def test_triton_backend_unavailable(monkeypatch):
+    monkeypatch.setattr(api, "triton_available", lambda device: False)  # as on a machine without CUDA
     with pytest.raises(RuntimeError, match=r"backend='triton' cannot run: .*use backend='torch' or 'auto'"):
-        linear_cross_entropy(*make_inputs(), backend="triton")
+        linear_cross_entropy(*small_inputs(), backend="triton")
 
 
 def test_triton_backend_not_installed(monkeypatch):
-    monkeypatch.setattr(autograd, "kernels", None)
+    monkeypatch.setattr(backends, "TRITON", None)
     with pytest.raises(RuntimeError, match=r"backend='triton' cannot run: Triton is not installed"):
-        linear_cross_entropy(*make_inputs(), backend="triton")
+        linear_cross_entropy(*small_inputs(), backend="triton")
 
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
-    if autograd.kernels is None:
+    if backends.TRITON is None:
         pytest.skip("Triton is not installed")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    hidden, weight, labels = (t.cpu() for t in make_inputs())
+    hidden, weight, labels = (t.cpu() for t in small_inputs())
     with pytest.raises(RuntimeError, match=r"backend='triton' cannot run: tensors are on cpu"):
         linear_cross_entropy(hidden, weight, labels, backend="triton")
 
@@ -296,7 +295,7 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for a second device")
 @pytest.mark.parametrize("which", ["weight", "labels", "bias"])
 def test_mismatched_devices(which):
-    hidden, weight, labels = make_inputs()
+    hidden, weight, labels = small_inputs()
     tensors = dict(hidden=hidden.cuda(), weight=weight.cuda(), labels=labels.cuda(), bias=torch.zeros(V, device="cuda"))
     tensors[which] = tensors[which].cpu()
     with pytest.raises(ValueError, match=rf"all tensors must be on one device, got .*{which}: cpu"):
@@ -311,4 +310,4 @@ def test_process_group_without_init():
         pytest.skip("a process group is initialised in this process")
     group = dist.ProcessGroup(dist.HashStore(), 0, 1)  # no backend: never used, the check comes first
     with pytest.raises(RuntimeError, match=r"process_group needs torch.distributed to be initialised"):
-        linear_cross_entropy(*make_inputs(), process_group=group)
+        linear_cross_entropy(*small_inputs(), process_group=group)

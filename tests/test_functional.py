@@ -2,7 +2,7 @@
 
 Every case runs three computations on the same fresh random inputs: ours, plain PyTorch in the
 same dtype (F.linear, upcast, F.cross_entropy), and the reference in float64. Our error must be
-at most plain PyTorch's plus small slack (conftest.assert_close_to_baseline), for the loss and for
+at most plain PyTorch's plus small slack (helpers.assert_close_to_baseline), for the loss and for
 every gradient.
 """
 
@@ -13,73 +13,7 @@ from hypothesis import strategies as st
 
 import fused_cel
 from fused_cel import linear_cross_entropy, linear_cross_entropy_reference
-from conftest import BACKENDS, DEVICE, assert_close_to_baseline, grads_written, rel_err, spy_calls
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-LOSS_OPTS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale", "shift", "num_items")
-
-
-def make_inputs(lead, D, V, *, logit_std=2.0, ignore_frac=0.2, ignore_index=-100):
-    """fp32 hidden [*lead, D], weight [V, D], bias [V], labels [*lead] with some ignored."""
-    hidden = torch.randn(*lead, D, device=DEVICE)
-    weight = torch.randn(V, D, device=DEVICE) * (logit_std / D**0.5)
-    bias = torch.randn(V, device=DEVICE) * 0.5
-    labels = torch.randint(0, V, lead, device=DEVICE)
-    labels[torch.rand(lead, device=DEVICE) < ignore_frac] = ignore_index
-    return hidden, weight, bias, labels
-
-
-def leaves(tensors, dtype, trainable):
-    return [None if t is None else t.detach().to(dtype).requires_grad_(g) for t, g in zip(tensors, trainable)]
-
-
-def run_case(
-    inputs,
-    dtype,
-    backend,
-    opts,
-    *,
-    chunk_size=None,
-    use_bias=True,
-    trainable=(True, True, True),
-    grad_scale=3.7,
-    fn=linear_cross_entropy,
-):
-    """Check loss and gradients of one configuration; return our loss for further checks.
-    fn: linear_cross_entropy, or a compiled version of it (test_compile)."""
-    hidden, weight, bias, labels = inputs
-    bias = bias if use_bias else None
-    ref_opts = {k: v for k, v in opts.items() if k in LOSS_OPTS}
-
-    def backward(loss, g):
-        if any(trainable):
-            (loss * g).sum().backward()
-
-    ours_in = leaves((hidden, weight, bias), dtype, trainable)
-    loss = fn(*ours_in[:2], labels, ours_in[2], chunk_size=chunk_size, backend=backend, **opts)
-    g = torch.randn(loss.shape, device=DEVICE) if loss.dim() else torch.tensor(grad_scale, device=DEVICE)
-    backward(loss, g)
-
-    base_in = leaves((hidden, weight, bias), dtype, trainable)
-    base = linear_cross_entropy_reference(*base_in[:2], labels, base_in[2], **ref_opts)
-    backward(base, g)
-
-    ref_in = leaves((hidden, weight, bias), torch.float64, trainable)
-    ref = linear_cross_entropy_reference(*ref_in[:2], labels, ref_in[2], compute_dtype=torch.float64, **ref_opts)
-    backward(ref, g.double())
-
-    assert loss.dtype == torch.float32
-    assert_close_to_baseline("loss", loss.detach(), base.detach(), ref.detach(), dtype, labels.numel())
-    for name, o, b, r in zip(("d_hidden", "d_weight", "d_bias"), ours_in, base_in, ref_in):
-        if o is None:
-            continue
-        if not o.requires_grad:
-            assert o.grad is None
-            continue
-        assert o.grad is not None and o.grad.dtype == dtype, f"{name}: {None if o.grad is None else o.grad.dtype}"
-        assert_close_to_baseline(name, o.grad, b.grad, r.grad, dtype, labels.numel())
-    return loss
-
+from helpers import BACKENDS, DEVICE, DTYPES, check_autocast, count_chunk_loops, leaves, make_inputs, rel_err, run_case
 
 OPTION_SETS = [
     {},
@@ -140,7 +74,7 @@ def test_gpt2_vocab(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen(backend, trainable, reduction, monkeypatch):
     """Only tensors that require grad get gradients, and no work is spent on the others."""
-    calls = spy_calls(monkeypatch, "run_chunks", grads_written)
+    calls = count_chunk_loops(monkeypatch)
     run_case(
         make_inputs((37,), 40, 300),
         torch.bfloat16,
@@ -278,29 +212,6 @@ def test_backward_twice_with_reduction_none(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_fp32_params(backend):
     check_autocast(linear_cross_entropy, backend)
-
-
-def check_autocast(fn, backend):
-    """fp32 parameters under autocast: bf16 compute, fp32 gradients, as good as plain autocast.
-    fn: linear_cross_entropy, or a compiled version of it (test_compile). Returns our results."""
-    device_type = DEVICE.type
-    hidden, weight, bias, labels = make_inputs((3, 12), 40, 300)
-    trainable = (True, True, True)
-    ours_in = leaves((hidden, weight, bias), torch.float32, trainable)
-    base_in = leaves((hidden, weight, bias), torch.float32, trainable)
-    with torch.autocast(device_type, dtype=torch.bfloat16):
-        loss = fn(*ours_in[:2], labels, ours_in[2], backend=backend, chunk_size=8)
-        base = linear_cross_entropy_reference(*base_in[:2], labels, base_in[2])
-    loss.backward()
-    base.backward()
-    ref_in = leaves((hidden, weight, bias), torch.float64, trainable)
-    ref = linear_cross_entropy_reference(*ref_in[:2], labels, ref_in[2], compute_dtype=torch.float64)
-    ref.backward()
-    assert_close_to_baseline("loss", loss.detach(), base.detach(), ref.detach(), torch.bfloat16, labels.numel())
-    for name, o, b, r in zip(("d_hidden", "d_weight", "d_bias"), ours_in, base_in, ref_in):
-        assert o.grad.dtype == torch.float32
-        assert_close_to_baseline(name, o.grad, b.grad, r.grad, torch.bfloat16, labels.numel())
-    return (hidden, weight, bias, labels), [loss.detach()] + [t.grad for t in ours_in]
 
 
 def test_module_matches_functional():

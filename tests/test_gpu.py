@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from fused_cel import autograd, linear_cross_entropy
-from conftest import rel_err
-from test_functional import make_inputs, run_case
+from fused_cel import linear_cross_entropy, plan
+from helpers import make_inputs, rel_err, run_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -61,7 +60,7 @@ def test_peak_memory_is_chunk_sized():
     linear_cross_entropy(x, w, labels).backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base - x.grad.nbytes - w.grad.nbytes
-    chunk = autograd.auto_chunk_size(N, V, D, x.device, "triton", weight_grad=True)
+    chunk = plan.auto_chunk_size(N, V, D, x.device, "triton", weight_grad=True)
     # fp32 dW and dX accumulators, and the chunk buffer beyond the gradients' own size
     expected = (V * D + N * D) * 4 + max(chunk * V * 2 - x.grad.nbytes - w.grad.nbytes, 0)
     assert extra <= expected + 64 * 2**20, (extra / 2**20, expected / 2**20)

@@ -1,5 +1,5 @@
-"""The logits matmul with softmax statistics (fused_cel.matmul) against torch, and the chunk loop
-through it against the chunk loop through cuBLAS / torch.mm.
+"""The logits matmul with softmax statistics (fused_cel/kernels/logits.py) against torch, and the
+chunk loop through it (backends.triton_matmul) against the chunk loop through cuBLAS / torch.mm.
 
 On CUDA (Hopper) the kernel loads through TMA; on the CPU it runs in Triton's interpreter with
 pointer loads. Outputs are poisoned with NaN first, so anything left unwritten fails.
@@ -9,13 +9,15 @@ import pytest
 import torch
 
 import fused_cel
-from fused_cel import torch_impl
-from conftest import BACKENDS, DEVICE, rel_err, spy_calls
+from fused_cel.backends import torch as twin
+from fused_cel.options import Options
+from helpers import BACKENDS, DEVICE, rel_err, spy_calls
 
 if "triton" not in BACKENDS:
     pytest.skip("Triton cannot run here", allow_module_level=True)
 
-from fused_cel import autograd, matmul  # noqa: E402
+from fused_cel import backends  # noqa: E402
+from fused_cel.kernels import logits as matmul  # noqa: E402
 
 NAN = float("nan")
 
@@ -53,7 +55,7 @@ def test_logits_stats_matches_torch(shape, dtype, opts, bias):
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) <= rel_err(plain, ref) * 1.1 + 1e-6
     # The statistics: those of the logits as stored.
-    want = torch_impl.tile_stats(out, n_valid, matmul.BN, opts["logit_scale"], opts["softcap"])
+    want = twin.logits_tile_stats(out, n_valid, matmul.BN, opts["logit_scale"], opts["softcap"])
     torch.testing.assert_close(stats[0], want[0], rtol=0, atol=1e-5 * want[0].abs().max().item())
     torch.testing.assert_close(stats[1], want[1], rtol=1e-5, atol=0)
     torch.testing.assert_close(stats[2], want[2], rtol=1e-5, atol=1e-4 * want[2].abs().max().item())
@@ -72,22 +74,20 @@ def test_logits_stats_rejects_a_wrong_stats_shape():
 
 @pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.2, z_loss=1e-3, softcap=4.0, logit_scale=0.8)],
                          ids=["plain", "all-options"])  # fmt: skip
-def test_ce_chunk_with_tile_stats_equals_two_passes(opts):
-    from fused_cel import kernels
-
-    kw = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0) | opts
+def test_cross_entropy_with_tile_stats_equals_two_passes(opts):
+    kw = Options(**opts)
     rows, V = 37, 1500
     logits = (torch.randn(rows, V, device=DEVICE) * 3).bfloat16()
     logits[:, 1234] += 12  # the max in a late tile
     targets = torch.randint(0, V, (rows,), device=DEVICE)
     targets[3] = -100
-    stats = torch_impl.tile_stats(logits, V, matmul.BN, kw["logit_scale"], kw["softcap"]).contiguous()
+    stats = twin.logits_tile_stats(logits, V, matmul.BN, kw.logit_scale, kw.softcap).contiguous()
     results = []
     for tile in (None, stats):
         z = logits.clone()
         loss, lse, tg = (torch.full((rows,), NAN, device=DEVICE) for _ in range(3))
         scale = torch.full((1,), 0.5, device=DEVICE)
-        kernels.ce_chunk(z, targets, loss, lse, scale, tg, compute_lse=True, write_grad=True, tile_stats=tile, **kw)
+        backends.TRITON.cross_entropy(z, targets, loss, lse, kw, scale=scale, target_grad=tg, tile_stats=tile)
         results.append((z, loss, lse, tg))
     for name, got, want in zip(("grad", "loss", "lse", "target grad"), results[1], results[0]):
         assert torch.isfinite(got).all(), name
@@ -121,7 +121,7 @@ def test_chunk_loop_through_the_matmul(monkeypatch, bias, reduction):
     labels = torch.randint(0, V, (N,), device=DEVICE)
     labels[::7] = -100
     opts = dict(backend="triton", reduction=reduction, chunk_size=128, label_smoothing=0.1, z_loss=1e-4, softcap=8.0)
-    calls = spy_calls(monkeypatch, "logits_stats", lambda args, kwargs: 1, module=matmul)
+    calls = spy_calls(monkeypatch, matmul, "logits_stats", lambda args, kwargs: 1)
     results, grad = {}, torch.randn(N, device=DEVICE) if reduction == "none" else torch.tensor(0.7, device=DEVICE)
     for route in ("cublas", "triton"):
         monkeypatch.setenv("FUSED_CEL_MATMUL", route)
@@ -130,6 +130,5 @@ def test_chunk_loop_through_the_matmul(monkeypatch, bias, reduction):
         loss.backward(grad)
         results[route] = [loss.detach()] + [t.grad for t in inputs]
     assert len(calls) == 3  # 3 chunks, in forward (reduction "none": backward reuses the lse)
-    assert autograd.matmul is matmul
     for got, want in zip(results["triton"], results["cublas"]):
         assert rel_err(got, want) < 1e-2

@@ -9,14 +9,12 @@ seconds); the tests then compare its results one case at a time. With CUDA, ever
 the one GPU (gloo moves the per-token statistics), so the compiled kernel's shard paths run too.
 """
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 
 import fused_cel
-from conftest import BACKENDS, DEVICE, assert_close_to_baseline, rel_err
+from helpers import BACKENDS, DEVICE, assert_close_to_baseline, rel_err
 from dist_util import run_group
 
 V, D, B, T = 301, 16, 2, 20  # 301 = 100 + 101 + 100 = 150 + 151: uneven shards
@@ -48,7 +46,7 @@ TRITON_CASES = {"none", "ignore_index_7", "everything_none", "everything_sum", "
 RUNS = [(c, b) for c in CASES for b in BACKENDS if b == "torch" or c in TRITON_CASES]
 
 
-def make_inputs(seed):
+def parallel_inputs(seed):
     """Fresh fp32 inputs and, per case, labels and the gradient fed to backward."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, D, generator=gen)
@@ -131,10 +129,8 @@ def _rank_work(rank, world, inputs):
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
-def world_run(request):
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"inputs seed {seed}")
-    inputs = make_inputs(seed)
+def world_run(request, module_seed):
+    inputs = parallel_inputs(module_seed)
     return request.param, inputs, run_group(_rank_work, request.param, inputs, timeout=120)
 
 
@@ -204,8 +200,8 @@ def _compiled_rank_work(rank, world, inputs):
     return results
 
 
-def test_compiled_vocab_parallel():
-    inputs = make_inputs(int.from_bytes(os.urandom(4), "little"))
+def test_compiled_vocab_parallel(seed):
+    inputs = parallel_inputs(seed)
     for rank in run_group(_compiled_rank_work, 2, inputs, timeout=120):
         for layout in ("explicit", "derived"):
             for case in ("mean", "everything_none"):

@@ -1,8 +1,7 @@
 """fused_cel: the LM head and its cross-entropy loss without the tokens x vocab logits tensor."""
 
-from .functional import linear_cross_entropy, triton_available
+from .api import FusedLinearCrossEntropyLoss, linear_cross_entropy, triton_available
 from .integrations.hf import patch, unpatch
-from .module import FusedLinearCrossEntropyLoss
 from .reference import linear_cross_entropy_reference
 
 __all__ = [

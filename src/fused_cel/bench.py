@@ -209,7 +209,7 @@ def fused_kwargs(spec):
     match = re.fullmatch(r"fused_cel(?:\[(.*)\])?", spec)
     if match is None:
         raise ValueError(f"unknown method {spec!r}: expected one of {', '.join(METHODS)} or fused_cel[key=value;...]")
-    # matmul=cublas|triton: the chunk's logits matmul (FUSED_CEL_MATMUL, fused_cel.matmul)
+    # matmul=cublas|triton: the chunk's logits matmul (FUSED_CEL_MATMUL, fused_cel/kernels/logits.py)
     allowed = [k for k in inspect.signature(fused_cel.linear_cross_entropy).parameters if k not in ARGS] + ["matmul"]
     kwargs = {}
     for item in filter(None, (match.group(1) or "").split(";")):

@@ -2,8 +2,8 @@
 
 Rank r holds W_r, rows vocab_start_r .. vocab_start_r + V_r - 1 of the whole [V, D] head (uneven
 shards allowed), and the same tokens and global label ids as every other rank. Per chunk, each
-rank computes its logits X_c @ W_r.T and, per token, four numbers over its own columns (kernels:
-SHARD_STATS): the max m_r, log s_r = log sum exp(u - m_r), the sum of u, and the target's logit
+rank computes its logits X_c @ W_r.T and, per token, four numbers over its own columns
+(kernels/shard_stats.py): the max m_r, log s_r = log sum exp(u - m_r), the sum of u, and the target's logit
 if the target is in the shard (else 0). Two all-reduces of these per-token scalars (a max, then
 one sum of three) give every rank the same log-sum-exp and loss:
 
@@ -22,7 +22,8 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from . import torch_impl
+from .backends.torch import store_loss
+from .options import Options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,18 +31,23 @@ class Shard:
     """Where this rank's rows sit in the vocabulary, and the group that holds the rest."""
 
     group: object  # a torch.distributed ProcessGroup
-    world: int  # ranks in the group
     start: int  # global id of this rank's first row
     total: int  # size of the whole vocabulary
     reduce_hidden_grad: bool  # sum dX over the group inside autograd
 
+    @staticmethod
+    def of(opts: Options) -> Shard | None:
+        """The shard the options describe (a process group by its name); None for one process."""
+        if opts.group_name is None:
+            return None
+        group = dist.distributed_c10d._resolve_process_group(opts.group_name)
+        return Shard(group, opts.vocab_start, opts.vocab_size, opts.reduce_hidden_grad)
 
-def make_shard(
-    group, local_vocab: int, n_tokens: int, device: torch.device, vocab_start, vocab_size, reduce_hidden_grad
-) -> Shard:
-    """The shard's place in the vocabulary; vocab_start / vocab_size derived when not given.
 
-    The arguments' types are checked by fused_cel.functional.check_parallel_options.
+def layout(group, local_vocab: int, n_tokens: int, device: torch.device, vocab_start, vocab_size) -> tuple[int, int]:
+    """(vocab_start, vocab_size): this rank's place in the vocabulary, derived when not given.
+
+    The arguments' types are checked by fused_cel.options.
     Deriving them all-gathers each rank's (rows, tokens) once per call (a host sync), which also
     checks that every rank passes the same number of tokens. Pass both to skip it.
     """
@@ -62,13 +68,14 @@ def make_shard(
             f"vocab-parallel: this rank's rows [{vocab_start}, {vocab_start + local_vocab}) must lie in the "
             f"vocabulary [0, {vocab_size})"
         )
-    return Shard(group, world, int(vocab_start), int(vocab_size), reduce_hidden_grad)
+    return int(vocab_start), int(vocab_size)
 
 
-def combine(stats: torch.Tensor, targets: torch.Tensor, loss, lse, shard: Shard, opts) -> None:
+def combine(stats: torch.Tensor, targets: torch.Tensor, loss, lse, shard: Shard, opts: Options) -> None:
     """Per-shard statistics [rows, 4] -> the loss and lse of every token (the same on all ranks).
 
-    stats holds (m_r, log s_r, sum of u, target logit or 0) per token.
+    stats holds (m_r, log s_r, sum of u, target logit or 0) per token: the merge of the kernels'
+    running statistics (kernels/common.py), across ranks.
     """
     m_r = stats[:, 0]
     m = m_r.clone(memory_format=torch.contiguous_format)
@@ -78,9 +85,7 @@ def combine(stats: torch.Tensor, targets: torch.Tensor, loss, lse, shard: Shard,
     sums[:, 0] = torch.exp(stats[:, 1] + (m_r - m))
     dist.all_reduce(sums, group=shard.group)
     log_s, u_sum, u_y = torch.log(sums[:, 0]), sums[:, 1], sums[:, 2]
-    torch_impl.token_loss(
-        m, log_s, u_sum, u_y, targets, loss, lse, shard.total, opts.ignore_index, opts.label_smoothing, opts.z_loss
-    )
+    store_loss(loss, lse, m, log_s, u_sum, u_y, targets, shard.total, opts)
 
 
 def reduce_hidden_grad(dx: torch.Tensor | None, shard: Shard | None) -> None:

@@ -25,9 +25,8 @@ import inspect
 
 import torch
 
-from ..functional import linear_cross_entropy
-from ..module import check_keyword_options
-from ..torch_impl import transform
+from ..api import check_keywords, linear_cross_entropy
+from ..backends.torch import transform
 
 _ATTR = "_fused_cel_patch"
 
@@ -65,7 +64,7 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, verify: bool =
     if per_call:
         raise TypeError(f"{sorted(per_call)} come from each forward call (labels, shift_labels, num_items_in_batch)")
     options = {**_model_logit_options(model), **loss_options}
-    check_keyword_options(options)
+    check_keywords(options)
 
     state = _PatchState(options=options, return_logits=return_logits, head=head, stock_forward=model.forward)
     _replace(state, head, "forward", _head_forward(state, head.forward))

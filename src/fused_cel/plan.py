@@ -1,15 +1,15 @@
-"""The memory planner: chunk sizes (and the algorithm) from a budget of working memory.
+"""The plan of a call: chunk sizes, and under a memory budget the algorithm.
 
 "Working memory" is what the op allocates beyond its inputs and the gradients it returns: the
 chunk's logits buffer, fp32 accumulators, a padded copy of W for an odd V, per-token vectors.
 
-Two algorithms (autograd.py runs both):
-  accumulate  (the default) one pass over the tokens in chunks; dX and dW are summed in fp32
+Two algorithms:
+  accumulate  (the default, fused_cel.chunks) one pass over the tokens in chunks; dX and dW are summed in fp32
               buffers of N x D and V x D (4 bytes each, beyond the gradients themselves when
               those are bf16/fp16) and rounded once. 3 matmuls: logits, dX, dW.
               When the fp32 dX does not fit, each chunk's dX is rounded in forward from an fp32
               chunk x D tile instead (memory then does not grow with N).
-  low-memory  when those accumulators do not fit. A token pass (chunks of the whole vocabulary:
+  low-memory  (fused_cel.low_memory) when those accumulators do not fit. A token pass (chunks of the whole vocabulary:
               loss, lse and dX, each chunk's dX summed in an fp32 tile and rounded once), then a
               vocabulary pass: W in blocks of rows, the block's logits recomputed for all tokens
               with the known lse, and the block's dW summed in an fp32 tile and rounded once.
@@ -22,18 +22,86 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import torch
+
+from . import backends, parallel
+from .options import Options
+
 MIB = 2**20
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    chunk: int  # tokens per chunk of the token pass
+    chunk_size: int  # tokens per chunk of the token pass
     round_dx: bool = False  # each chunk's dX rounded in forward from an fp32 tile (no fp32 N x D dX)
     low_memory: bool = False  # dW and db from a separate vocabulary pass
     block_rows: int = 0  # low memory: vocabulary rows per block of that pass
     block_tokens: int = 0  # low memory: tokens per step of that pass
     block_vocab: int = 0  # low memory: the token pass walks W in blocks of this many rows (0: whole rows)
     pad: bool = True  # pad W to a multiple of 64 rows for an odd V (a copy of W)
+
+    def grad_dtypes(self, hidden_dtype, weight_dtype) -> tuple:
+        """dtypes of the dX, dW, db buffers the loops write: fp32 sums, except what the plan
+        rounds into the gradient's own dtype as it goes (dX, or dX and dW)."""
+        f32 = torch.float32
+        if self.low_memory:
+            return hidden_dtype, weight_dtype, f32
+        return (hidden_dtype if self.round_dx else f32), f32, f32
+
+    @property
+    def prescaled(self) -> tuple[bool, bool, bool]:
+        """Which of dX, dW, db the loops round, and so multiply by the mean's 1/divisor first."""
+        return (self.round_dx or self.low_memory, self.low_memory, self.low_memory)
+
+
+def auto_chunk_size(n_tokens: int, vocab: int, dim: int, device: torch.device, backend: str, weight_grad: bool) -> int:
+    """Tokens per chunk when the caller gives none.
+
+    The Triton path keeps one [chunk, V] buffer in the compute dtype. The dW accumulation reads
+    and writes V x D in fp32 once per chunk, about 8 / (2 * chunk) bytes per flop of its matmul
+    whatever V and D are: so when dW is computed chunks have at least 4096 tokens. The buffer
+    may be as large as W (chunk = D tokens) at no cost in peak memory, because backward holds
+    the fp32 dW and dX accumulators together with the dW and dX they are rounded into, which is
+    larger; a chunk of 4096 with D < 4096 costs V x (4096 - D) x 2 bytes more. Without dW,
+    2**28 elements (512 MiB in bf16). The torch path holds a few fp32 temporaries of the chunk:
+    2**22 elements.
+    """
+    if backend == "triton" and device.type == "cuda":
+        budget = max(2**28, vocab * max(dim, 4096)) if weight_grad else 2**28
+        chunk = max(128, budget // max(vocab, 1) // 128 * 128)  # a multiple of 128 for the matmuls
+    else:
+        chunk = max(16, 2**22 // max(vocab, 1))
+    return max(1, min(chunk, n_tokens))
+
+
+def choose(opts: Options, hidden, weight, bias, need) -> Plan:
+    """The plan of one pass over hidden [N, D] and weight [V, D] (their own dtypes), writing the
+    gradients ``need`` asks for. Reads only shapes and dtypes, so that the op's fake
+    implementation gets the same plan."""
+    (N, D), V = hidden.shape, weight.shape[0]
+    if opts.group_name is not None:  # every rank must cut the same chunks: plan from what all ranks share
+        V = -(-opts.vocab_size // torch.distributed.get_world_size(parallel.Shard.of(opts).group))
+        need = (need[0], False, False)
+    auto = auto_chunk_size(N, V, D, hidden.device, opts.backend, need[1])
+    if opts.memory_budget_mib is None:
+        return Plan(chunk_size=opts.chunk_size or auto)
+    dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    fp32 = [n and dt != torch.float32 for n, dt in zip(need, dtypes)]
+    return fit(
+        N,
+        V,
+        D,
+        opts.compute_dtype.itemsize,
+        auto_chunk=auto,
+        budget_mib=opts.memory_budget_mib,
+        fp32_dx=fp32[0],
+        fp32_dw=fp32[1],
+        fp32_db=fp32[2],
+        vocab_pass=need[1] or need[2],
+        fold_temps=backends.get(opts.backend).fold_makes_temporaries(),
+        token_sweep=not (need[0] and opts.softcap is not None and opts.label_smoothing > 0),
+        fp32_dx_sum=need[0],
+    )
 
 
 _LEAST_CHUNK = 1024  # tokens: the smallest chunk of the accumulate plan
@@ -47,14 +115,14 @@ def _floor(n: float, multiple: int) -> int:
     return n // multiple * multiple if n >= multiple else n
 
 
-def plan(
+def fit(
     n: int,
     vocab: int,
     dim: int,
     itemsize: int,
     *,
     auto_chunk: int,
-    budget: float,
+    budget_mib: float,
     fp32_dx: bool,
     fp32_dw: bool,
     fp32_db: bool,
@@ -63,8 +131,8 @@ def plan(
     token_sweep: bool = True,
     fp32_dx_sum: bool | None = None,
 ) -> Plan:
-    """The fastest plan whose working memory fits ``budget`` bytes (3% of it is kept in reserve
-    for what is not modelled: allocator rounding, library workspaces).
+    """The fastest plan whose working memory fits ``budget_mib`` (3% of it is kept in reserve for
+    what is not modelled: allocator rounding, library workspaces).
 
     fp32_dx / fp32_dw / fp32_db: the accumulate plan would hold that fp32 accumulator beyond the
     gradient (it is needed and its gradient is not fp32). vocab_pass: dW or db is needed.
@@ -74,7 +142,7 @@ def plan(
     sums dX (default: fp32_dx, i.e. dX is needed and not fp32).
     """
     fp32_dx_sum = fp32_dx if fp32_dx_sum is None else fp32_dx_sum
-    budget *= 0.97
+    budget = budget_mib * MIB * 0.97
     per_token = 16 * n  # loss, lse, target gradient and labels
     v_pad = -(-vocab // 64) * 64
     pad_copy = 0 if v_pad == vocab else v_pad * dim * itemsize
@@ -83,28 +151,28 @@ def plan(
     fixed += 4 * vocab if fp32_db else 0
     # per token of a chunk: its logits, the target fold's temporaries (a*X_c in fp32, W[y]),
     fold = dim * (4 + itemsize) if fold_temps else 0
-    # and the logits matmul's per-tile softmax statistics (fused_cel.matmul: 3 fp32 per 256 columns)
+    # and the logits matmul's per-tile softmax statistics (kernels/logits.py: 3 fp32 per 256 columns)
     per_row = v_pad * itemsize + fold + 12 * -(-vocab // 256)
     # Below ~1024 tokens a chunk costs more than it saves: each re-reads W twice, and (dW
     # wanted) reads and writes the fp32 dW; the low-memory plan's steps stay large instead
-    # (H100, Llama 3 frozen head at 64 MiB: 128-token chunks 56.9 ms, the token sweep ~29 ms).
+    # (experiments/lowmem-tune).
     least = min(_LEAST_CHUNK, n)
     chunk = _floor(min(auto_chunk, (budget - fixed) / per_row), 128)
     if chunk >= least:
-        return Plan(chunk=max(1, chunk))
+        return Plan(chunk_size=max(1, chunk))
     if fp32_dx:
         # The same 3 matmuls with dX rounded chunk by chunk (an fp32 chunk x D tile instead of an
         # fp32 N x D dX): memory no longer grows with N.
         fixed -= 4 * n * dim
         chunk = _floor(min(auto_chunk, (budget - fixed) / (per_row + 4 * dim)), 128)
         if chunk >= least:
-            return Plan(chunk=max(1, chunk), round_dx=True)
+            return Plan(chunk_size=max(1, chunk), round_dx=True)
 
     # Low memory: no padded copy of W (an odd V only slows the matmuls), fp32 tiles instead of
     # whole accumulators.
     room = budget - per_token
     if token_sweep:
-        # Token pass as a sweep (autograd.run_token_blocks): per step, a chunk x block_vocab
+        # Token pass as a sweep (low_memory.token_sweep): per step, a chunk x block_vocab
         # buffer, the chunk's fp32 dX sum, the target fold, a few fp32 numbers per token, and
         # W's column sums. The most tokens per step whose blocks stay wide: fewer re-reads of W.
         per_token_sweep = (4 * dim + fold if fp32_dx_sum else 0) + 64
@@ -115,14 +183,14 @@ def plan(
                 break
         if cols < 1:
             raise ValueError(_too_small(budget, itemsize + per_token_sweep + 4 * dim + per_token))
-        sweep = dict(chunk=chunk, low_memory=True, block_vocab=min(cols, vocab), pad=False)
+        sweep = dict(chunk_size=chunk, low_memory=True, block_vocab=min(cols, vocab), pad=False)
     else:
         # Chunks of whole rows: chunk x V buffer, a chunk x D fp32 dX tile, W[y].
         per_row = vocab * itemsize + dim * 4 + fold
         chunk = min(n, _floor(room / per_row, 16))
         if chunk < 1:
             raise ValueError(_too_small(budget, per_row + per_token))
-        sweep = dict(chunk=chunk, low_memory=True, pad=False)
+        sweep = dict(chunk_size=chunk, low_memory=True, pad=False)
     if not vocab_pass:
         return Plan(**sweep)
     # Vocabulary pass: a block_tokens x block_rows buffer, a block_rows x D fp32 tile, and the

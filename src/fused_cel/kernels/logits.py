@@ -1,21 +1,18 @@
 """Triton kernel: a chunk's logits X_c @ W.T (+ b) with the softmax statistics in the epilogue.
 
-The chunk loop's first step (fused_cel.autograd.run_chunks). cuBLAS writes the logits, and the
-cross-entropy kernel then reads each row twice (its statistics, then the gradient): 1.13 ms of
-a 20 ms chunk at Llama 3's head on an H100. Here the matmul's epilogue, which holds a
-[BM, BN] tile of logits in registers anyway, also writes per row and per column tile the max m
-and sum of exp(u - m) of the transformed logits u (and their sum, for label smoothing). The
-cross-entropy kernel merges those ~V/256 numbers per row into the log-sum-exp and needs one
-read of the row, not two (kernels.ce_chunk with ``tile_stats``); the loss alone (no gradient)
-needs no read of the row at all.
+On the default route cuBLAS writes the logits and the cross-entropy kernel reads each row twice
+(its statistics, then the gradient). Here the matmul's epilogue, which holds a [BM, BN] tile of
+logits in registers anyway, also writes per row and per column tile the max m and sum of
+exp(u - m) of the transformed logits u (and their sum, for label smoothing); the cross-entropy
+kernel merges those ~V/256 numbers per row (common.tile_stats) and reads the row once, to write
+the gradient. The statistics are those of the logits as stored, rounded to the compute dtype,
+which is what the gradient pass reads back.
 
-The matmul is persistent (one program per SM walking output tiles, grouped so that concurrent
-programs share W's tiles in L2) and loads through TMA descriptors on a GPU; in the CPU
-interpreter (CI) it runs the same code with pointer loads. The statistics are those of the
-logits as stored, rounded to the compute dtype, which is what the gradient pass reads back.
-The route is opt-in (FUSED_CEL_MATMUL=triton, see usable): on an H100 it saves one of the CE kernel's
-two reads (Llama 3: 2.29 -> 1.50 ms a step), but this matmul is not faster than cuBLAS's
-everywhere, so the step as a whole gained at most 1.1% and lost up to 2.7%.
+Persistent (one program per SM walking output tiles, grouped so that concurrent programs share
+W's tiles in L2), loading through TMA descriptors on a GPU; the CPU interpreter (CI) runs the
+same code with pointer loads. The route is opt-in (FUSED_CEL_MATMUL=triton, see usable): the
+matmul is not cuBLAS's equal at every head, so the step gains at some heads and loses at others
+(docs/benchmarks/h100-bench/matmul-route).
 """
 
 from __future__ import annotations
@@ -28,13 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernels import _round_bf16, _transform
+from .common import round_bf16, transform
 
 BM, BN, BK = 128, 256, 64  # output tile (tokens x vocabulary) and reduction step
 
 
 class Config(NamedTuple):
-    """A launch configuration of the logits kernel (scripts/matmul_tune.py sweeps them)."""
+    """A launch configuration of the logits kernel (experiments/matmul-tune swept them)."""
 
     bm: int = BM  # tile rows (tokens)
     bn: int = BN  # tile columns (vocabulary): also the statistics' granularity
@@ -45,7 +42,7 @@ class Config(NamedTuple):
 
 
 def default_config(hidden: int) -> Config:
-    """The configuration run_chunks uses (the gemm probe's tuned ones, docs/benchmarks/h100-gemm-probe)."""
+    """The configuration the chunk loop uses (the gemm probe's tuned ones, experiments/gemm-probe)."""
     return Config(stages=3 if hidden >= 3072 else 4)
 
 
@@ -73,12 +70,13 @@ def _mma(a, b, acc):
     return tl.dot(a, b, acc)
 
 
+@triton.heuristics({"HAS_BIAS": lambda a: a["bias_ptr"] is not None, "HAS_SOFTCAP": lambda a: a["softcap"] is not None})
 @triton.jit
 def _logits_kernel(
     x,  # X_c [M, K]: a TensorDescriptor (block [BM, BK]) if USE_TMA, else the tensor
     w,  # W [N, K]: a descriptor (block [BN, BK]) or the tensor
     out,  # logits [M, N] in X's dtype: a descriptor (block [BM, BN // 2]) or the tensor
-    bias_ptr,  # *T [N]: added to every row (if HAS_BIAS)
+    bias_ptr,  # *T [N]: added to every row; None: no bias
     stats_ptr,  # *fp32 [3, M, n_tiles]: per row and column tile, max m, sum exp(u - m), sum u
     M,  # rows (tokens of the chunk)
     N,  # columns of out (the vocabulary, maybe padded with zero rows of W)
@@ -90,7 +88,7 @@ def _logits_kernel(
     stride_wn,  # elements between rows of W (pointer loads)
     stride_om,  # elements between rows of out (pointer stores)
     logit_scale,  # u = logit_scale * z ...
-    softcap,  # ... then softcap * tanh(u / softcap) (if HAS_SOFTCAP)
+    softcap,  # ... then softcap * tanh(u / softcap); None: no softcap
     HAS_BIAS: tl.constexpr,  # add bias_ptr
     HAS_SOFTCAP: tl.constexpr,  # apply the softcap in the statistics
     SUM_U: tl.constexpr,  # write the third plane (sum of u, for label smoothing)
@@ -131,7 +129,7 @@ def _logits_kernel(
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if ROUND_BF16:
-            z = _round_bf16(acc)
+            z = round_bf16(acc)
         elif OUT_FP16:
             z = acc.to(tl.float16)
         else:
@@ -139,7 +137,7 @@ def _logits_kernel(
         # Statistics of the stored (rounded) logits; every tile with statistics has a valid column.
         if pid_n < n_tiles:
             ok = (cols < n_valid)[None, :]
-            u = tl.where(ok, _transform(z.to(tl.float32), logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+            u = tl.where(ok, transform(z.to(tl.float32), logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
             m = tl.max(u, axis=1)
             s = tl.sum(tl.exp(u - m[:, None]), axis=1)
             at = stats_ptr + rows.to(tl.int64) * n_tiles + pid_n
@@ -163,12 +161,9 @@ def n_tiles(vocab: int, bn: int = BN) -> int:
 
 
 def usable(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether run_chunks takes the logits from logits_stats (else cuBLAS, and the two-pass
+    """Whether the chunk loop takes the logits from logits_stats (else cuBLAS, and the two-pass
     cross-entropy). Opt-in, FUSED_CEL_MATMUL=triton: bf16 or fp16 operands on a CUDA GPU whose
-    rows TMA can load, or CPU tensors under TRITON_INTERPRET=1. The default (auto, or cublas) is
-    cuBLAS: on an H100 the route ran 0-1.1% faster at Llama 3's and Qwen 2.5's heads but 2-2.7%
-    slower at Gemma 2's and Mistral's (docs/benchmarks/h100-bench/matmul-route), where cuBLAS's
-    logits matmul is up to 1.35x faster than this kernel."""
+    rows TMA can load, or CPU tensors under TRITON_INTERPRET=1."""
     if os.environ.get("FUSED_CEL_MATMUL", "auto") != "triton":
         return False
     if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
@@ -226,7 +221,7 @@ def logits_stats(
         a,
         b,
         c,
-        bias if bias is not None else stats,
+        bias,
         stats,
         M,
         N,
@@ -238,9 +233,7 @@ def logits_stats(
         w.stride(0),
         out.stride(0),
         logit_scale,
-        softcap if softcap is not None else 1.0,
-        HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=softcap is not None,
+        softcap,
         SUM_U=sum_u,
         USE_TMA=use_tma,
         OUT_FP16=x.dtype == torch.float16,

@@ -1,0 +1,223 @@
+"""The public calls: linear_cross_entropy and FusedLinearCrossEntropyLoss.
+
+A call checks its arguments (fused_cel.options), applies the shift, flattens the tokens and
+hands one Options to the custom op (fused_cel.op). torch.compile traces this file (plain tensor
+ops) and sees the chunked computation as one opaque op: no graph break, fullgraph=True works.
+The one exception: with process_group but without vocab_start and vocab_size, deriving them
+(an all-gather read on the host) breaks the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+
+import torch
+
+from . import backends, op, options, parallel
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    shift: bool = False,
+    num_items: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget_mib: float | None = None,
+    check_labels: bool = True,
+    backend: str = "auto",
+    process_group: torch.distributed.ProcessGroup | None = None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    reduce_hidden_grad: bool = True,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, without the logits.
+
+    Args:
+        hidden: [..., D] final hidden states (any leading dims).
+        weight: [V, D] the LM head.
+        labels: [...] int64 or int32 class ids, the leading shape of ``hidden``.
+        bias: [V] or None.
+        ignore_index: tokens with this label count for nothing.
+        reduction: "mean" | "sum" | "none".
+        label_smoothing: in [0, 1], as in torch.nn.functional.cross_entropy.
+        z_loss: c >= 0; each counted token adds c * logsumexp(logits)**2.
+        softcap: if set (> 0), logits = softcap * tanh(logits / softcap) (Gemma 2).
+        logit_scale: logits *= logit_scale before the softcap (Cohere).
+        shift: next-token loss, position t scored against labels[..., t + 1]; the last position of
+            each sequence is not scored. reduction="none" then returns shape labels[..., 1:].
+        num_items: divisor of reduction="mean" (a finite number > 0, or a one-element tensor, e.g.
+            Hugging Face's num_items_in_batch, whose value is not checked when it is on the
+            device: that would synchronise); default the number of tokens not ignored.
+        chunk_size: tokens per chunk; None picks one from the vocabulary size.
+        memory_budget_mib: the working memory the op may allocate, in MiB, beyond its inputs and
+            the gradients it returns; the planner (fused_cel.plan) picks the fastest plan that
+            fits: the default with a smaller chunk; then the default with dX rounded chunk by
+            chunk (no fp32 N x D dX); then the low-memory plan, which recomputes the logits once
+            more (4 matmuls instead of 3) and keeps only fp32 tiles. Every gradient is still
+            summed in fp32 and rounded once; what is rounded in forward (dX, and in the
+            low-memory plan dW) is multiplied by grad_output in backward, exact when that is a
+            power of two (such as 1). Not with chunk_size or process_group.
+        check_labels: reject labels outside [0, V) that are not ignore_index. This costs one
+            host synchronisation per call; with False such a label gives a NaN loss instead.
+        backend: "triton" (the fused kernels; CUDA, or CPU under TRITON_INTERPRET=1), "torch"
+            (the pure-PyTorch path) or "auto" (Triton where it can run).
+        process_group: vocabulary parallelism (tensor-parallel LM head). ``weight`` (and
+            ``bias``) are then this rank's rows of the head, and every rank of the group passes
+            the same hidden, the same global label ids and the same options. Per chunk, the
+            ranks all-reduce per-token scalars only (max, sum of exp, target logit, sum of
+            logits), never logits; the loss (the whole vocabulary's) is the same on every rank.
+            Gradients of weight and bias stay local to the shard. See fused_cel.parallel.
+        vocab_start: global id of this rank's first row; default: the rows of the lower ranks
+            (shards in rank order, uneven sizes allowed).
+        vocab_size: the whole vocabulary; default: the sum of all ranks' rows. Deriving either
+            default costs one small all-gather (and a host sync) per call; pass both to skip it.
+        reduce_hidden_grad: with process_group, hidden's gradient is by default the full one,
+            summed over the group inside autograd (one all-reduce of N x D in fp32). False leaves
+            each rank's partial gradient, for frameworks that all-reduce it themselves
+            (Megatron's "copy to tensor-parallel region" does).
+
+    Returns:
+        The float32 loss: a scalar, or per token for reduction="none". Every label ignored gives
+        0 (not NaN) and zero gradients. Gradients reach hidden, weight and bias (each only if it
+        requires grad) in their own dtypes. Under torch.autocast the matmuls run in the autocast
+        dtype. For "mean" and "sum" the gradients are computed during the forward call; calling
+        backward twice through one loss (retain_graph=True) is not supported.
+    """
+    options.check_tensors(hidden, weight, labels, bias)
+    opts = options.make(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        chunk_size=chunk_size,
+        memory_budget_mib=memory_budget_mib,
+        check_labels=check_labels,
+        backend=backend,
+        shift=shift,
+        num_items=num_items,
+        process_group=process_group,
+        vocab_start=vocab_start,
+        vocab_size=vocab_size,
+        reduce_hidden_grad=reduce_hidden_grad,
+    )
+    if shift and hidden.dim() < 2:
+        raise ValueError("shift=True needs a sequence dimension: hidden must be at least [T, D]")
+    V, D = weight.shape
+    x = hidden.reshape(-1, D)
+    resolved = dict(
+        backend=_resolve_backend(backend, hidden.device), compute_dtype=_compute_dtype(hidden, weight, bias)
+    )
+    if process_group is not None:
+        start, total = parallel.layout(process_group, V, x.shape[0], hidden.device, vocab_start, vocab_size)
+        resolved.update(group_name=process_group.group_name, vocab_start=start, vocab_size=total)
+    opts = dataclasses.replace(opts, **resolved)
+    targets = labels
+    if shift:  # a shifted copy of the int labels only: hidden and logits are never copied
+        targets = torch.full_like(labels, ignore_index)
+        targets[..., :-1] = labels[..., 1:]
+    targets = targets.reshape(-1)
+    divisor = _divisor(num_items, reduction, targets, ignore_index)
+    loss = op.linear_cross_entropy(x, weight, bias, targets, divisor, opts)
+    if reduction == "none":
+        loss = loss.view(labels.shape)
+        if shift:
+            loss = loss[..., :-1]
+    return loss
+
+
+# The keyword options of linear_cross_entropy and their defaults.
+KEYWORDS = {
+    name: p.default
+    for name, p in inspect.signature(linear_cross_entropy).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}
+
+
+def check_keywords(kwargs: dict) -> None:
+    """Every keyword option of linear_cross_entropy in ``kwargs`` is known and valid (for the
+    module and the Hugging Face patch, which take them ahead of the call)."""
+    unknown = sorted(set(kwargs) - set(KEYWORDS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; valid: {sorted(KEYWORDS)}")
+    options.make(**{**KEYWORDS, **kwargs})
+
+
+class FusedLinearCrossEntropyLoss(torch.nn.Module):
+    """``FusedLinearCrossEntropyLoss(**options)(hidden, weight, labels, bias=None)``.
+
+    Takes the keyword options of fused_cel.linear_cross_entropy; hidden states come first.
+    Options are checked here, so a bad one fails at construction, not at the first step.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__()
+        check_keywords(kwargs)
+        self.options = dict(kwargs)
+
+    def forward(self, hidden, weight, labels, bias=None, *, num_items=None) -> torch.Tensor:
+        """``num_items`` given here (e.g. each batch's num_items_in_batch) overrides the option."""
+        kwargs = self.options if num_items is None else {**self.options, "num_items": num_items}
+        return linear_cross_entropy(hidden, weight, labels, bias, **kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors of this device."""
+    if backends.TRITON is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if triton_available(device) else "torch"
+    if backend == "triton" and not triton_available(device):
+        why = "Triton is not installed" if backends.TRITON is None else f"tensors are on {device}"
+        raise RuntimeError(
+            f"backend='triton' cannot run: {why} (it needs CUDA, or the CPU with TRITON_INTERPRET=1 "
+            "set before Triton is imported); use backend='torch' or 'auto'"
+        )
+    return backend
+
+
+def _compute_dtype(hidden, weight, bias) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(
+                f"hidden ({hidden.dtype}) and {name} ({t.dtype}) must have the same dtype outside torch.autocast"
+            )
+    return hidden.dtype
+
+
+def _divisor(num_items, reduction: str, targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """The mean's divisor as an fp32 device tensor (no host sync); None for sum and none."""
+    if reduction != "mean":
+        return None
+    if num_items is None:
+        return (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
+    if isinstance(num_items, torch.Tensor):
+        if num_items.device == targets.device:  # its value is not checked: that would sync
+            return num_items.detach().reshape(()).to(torch.float32)
+        num_items = options.check_num_items(num_items.item(), reduction)  # a host tensor: no device sync
+    # torch.full launches a fill; torch.tensor(..., device=cuda) would wait for the copy.
+    return torch.full((), float(num_items), dtype=torch.float32, device=targets.device)

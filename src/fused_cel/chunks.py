@@ -1,0 +1,121 @@
+"""The default plan: the chunk loop, three matmuls per chunk.
+
+For each chunk of tokens:  logits = X_c @ W.T (+ b)   -> one preallocated [chunk, V] buffer
+                           loss, lse, and d(loss)/d(logits) in place   (a backend's kernel)
+                           dX_c  = dlogits @ W          (own rows of dX)
+                           dW   += dlogits.T @ X_c      (summed over the chunks)
+                           db   += dlogits.sum(0)
+so the whole [N, V] logits tensor never exists. dlogits is split as dense + a * onehot(y): the
+buffer holds every entry but the target's (written 0), and the target entry (one fp32 number a per
+token) is folded in without rounding, as dX_c += a * W[y], dW[y] += a * X_c (the fold). dX and
+dW are summed in fp32 (cuBLAS accumulates in fp32 and writes fp32) and rounded once, by the
+caller (fused_cel.op), or here chunk by chunk where the plan says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import backends, parallel
+from .options import Options
+from .plan import Plan
+
+
+@dataclasses.dataclass
+class Work:
+    """The tensors of one pass: its inputs, in the compute dtype, and what it writes."""
+
+    x: torch.Tensor  # [N, D]
+    w: torch.Tensor  # [V, D]
+    b: torch.Tensor | None  # [V]
+    targets: torch.Tensor  # [N] (shift applied)
+    lse: torch.Tensor  # [N] fp32: written with the loss, else read (a gradient pass)
+    loss: torch.Tensor | None = None  # [N] fp32: each token's loss, written if given
+    scale: torch.Tensor | None = None  # fp32, one element or [N]: each token's gradient multiplier
+    dx: torch.Tensor | None = None  # [N, D] out: fp32, or its own dtype where the plan rounds it here
+    dw: torch.Tensor | None = None  # [V, D] out, fp32 (the low-memory plan: its own dtype)
+    db: torch.Tensor | None = None  # [V] out, fp32
+    out_scale: torch.Tensor | None = None  # what the gradients rounded here are multiplied by
+
+    @property
+    def writes_grad(self) -> bool:
+        return self.dx is not None or self.dw is not None or self.db is not None
+
+
+def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = None) -> None:
+    """The chunk loop over work.x in chunks of plan.chunk_size tokens: per-token loss and lse
+    (if work.loss is given), and the gradients work asks for, overwritten (not added to).
+    ``shard``: w and b are this rank's rows of a vocabulary split over a process group; each
+    chunk's statistics are combined over the group, and dX, this shard's part, is summed over
+    it at the end unless the options leave that to the caller."""
+    x, w, b, targets = work.x, work.w, work.b, work.targets
+    (N, D), V = x.shape, w.shape[0]
+    dx, dw, db = work.dx, work.dw, work.db
+    if N == 0:
+        for t in (dw, db):
+            if t is not None:
+                t.zero_()
+        return
+    chunk = min(plan.chunk_size, N)
+    # A V that is not a multiple of 64 (GPT-2's 50257) pushes cuBLAS off its fast kernels, so W
+    # is padded with zero rows (a copy of W, only for such V): their logits are exactly 0 and add
+    # nothing to dX.
+    v_pad = -(-V // 64) * 64 if plan.pad else V
+    w_mm, b_mm = w, b
+    if v_pad != V:
+        w_mm = torch.nn.functional.pad(w, (0, 0, 0, v_pad - V))
+        b_mm = None if b is None else torch.nn.functional.pad(b, (0, v_pad - V))
+    be = backends.get(opts.backend, x, w_mm)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    buf = torch.empty((chunk, v_pad), dtype=x.dtype, device=x.device)
+    tile_buf, planes = None, 3 if opts.label_smoothing else 2
+    if be.tile_stats and work.loss is not None:  # the logits matmul writes the softmax statistics
+        tile_buf = torch.empty(planes * chunk * be.n_tiles(V), **f32)
+    stats = torch.empty((chunk, 4), **f32) if shard is not None and work.loss is not None else None
+    target_grad = torch.empty(chunk, **f32) if work.writes_grad else None
+    dx_tile = None
+    if dx is not None and (dx.dtype != torch.float32 or work.out_scale is not None):
+        dx_tile = torch.empty((chunk, D), **f32)  # each chunk's dX summed in fp32, then rounded
+    per_token_scale = work.scale is not None and work.scale.numel() != 1
+    at = {} if shard is None else dict(vocab_start=shard.start, vocab_total=shard.total)
+    if db is not None:
+        db.zero_()
+    for start in range(0, N, chunk):
+        end = min(start + chunk, N)
+        rows = end - start
+        xc, tt, lse, logits_mm = x[start:end], targets[start:end], work.lse[start:end], buf[:rows]
+        logits = logits_mm[:, :V]
+        loss = None if work.loss is None else work.loss[start:end]
+        scale = work.scale[start:end] if per_token_scale else work.scale
+        tg = None if target_grad is None else target_grad[:rows]
+        tiles = None if tile_buf is None else tile_buf[: planes * rows * be.n_tiles(V)].view(planes, rows, -1)
+        be.logits(xc, w_mm, b_mm, logits_mm, tiles, n_valid=V, opts=opts)
+        if loss is None:  # the lse is known: the gradient alone
+            be.gradient(logits, tt, lse, scale, tg, opts, **at)
+        elif shard is None:  # loss, lse and the gradient (if wanted) in one pass
+            be.cross_entropy(logits, tt, loss, lse, opts, scale=scale, target_grad=tg, tile_stats=tiles)
+        else:  # this shard's statistics, combined over the group; then its part of the gradient
+            be.shard_stats(logits, tt, stats[:rows], opts, vocab_start=shard.start, tile_stats=tiles)
+            parallel.combine(stats[:rows], tt, loss, lse, shard, opts)
+            if tg is not None:
+                be.gradient(logits, tt, lse, scale, tg, opts, **at)
+        if tg is None:
+            continue
+        # The target entries: token t's gradient at its target y_t is tg_t (0 where ignored, or
+        # where y_t is on another shard).
+        y = (tt - (0 if shard is None else shard.start)).clamp(0, V - 1)
+        if dx is not None:
+            dxc = dx[start:end] if dx_tile is None else dx_tile[:rows]
+            be.mm(logits_mm, w_mm, out=dxc)
+            be.fold(dxc, None, w, y, tg)
+            if dx_tile is not None:
+                be.round_into(dx[start:end], dxc, work.out_scale)
+        if dw is not None:
+            be.mm(logits.t(), xc, out=dw, accumulate=start > 0)
+            be.fold(dw, y, xc, None, tg)
+        if db is not None:
+            db.add_(logits.sum(0, dtype=torch.float32))
+            db.index_add_(0, y, tg)
+    parallel.reduce_hidden_grad(dx, shard)

@@ -1,0 +1,186 @@
+"""@triton.jit helpers shared by the cross-entropy kernels; fused_cel.backends.torch has a twin
+of each, of the same name, and tests/test_kernels.py holds every pair against each other.
+
+With u the transformed logits of a row, p = softmax(u), y its target, eps the label smoothing
+and c the z-loss coefficient:
+    loss      = (1 - eps) (lse - u_y) + eps (lse - mean u) + c lse**2
+    dloss/du_j = p_j (1 + 2 c lse) - eps / V - (1 - eps) [j == y]
+    du/dz     = logit_scale (1 - (u / softcap)**2)       (logit_scale alone without softcap)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def transform(z, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw logits (fp32) -> the logits the loss sees: scaled, then capped."""
+    u = z * logit_scale
+    if HAS_SOFTCAP:
+        # tanh(x) = 2 sigmoid(2x) - 1 has an absolute error ~1e-7: for |x| < 1/4 an odd
+        # polynomial instead (Taylor to x**9, truncation < 1e-8), so that small capped logits
+        # keep a relative accuracy (a mean of them may cancel to far less than the logits).
+        x = u * (1.0 / softcap)
+        x2 = x * x
+        poly = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+        u = softcap * tl.where(tl.abs(x) < 0.25, poly, 2.0 * tl.fdiv(1.0, 1.0 + tl.exp(-2.0 * x)) - 1.0)
+    return u
+
+
+@triton.jit
+def target_logit(row_ptr, target, vocab_start, V, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """The target's column in a row of V columns (global ids vocab_start ..), whether the row
+    holds it, and its transformed logit (read before a gradient pass overwrites the row)."""
+    local = target - vocab_start
+    here = (local >= 0) & (local < V)
+    u_y = transform(tl.load(row_ptr + tl.where(here, local, 0)).to(tl.float32), logit_scale, softcap, HAS_SOFTCAP)
+    return local, here, u_y
+
+
+@triton.jit
+def merge(m, s, block_m, block_s):
+    """Running softmax statistics (max m, sum s of exp(u - m)) merged with a block's, given as
+    per-element maxima and sums (a row's values themselves: block_s = 1)."""
+    m_new = tl.maximum(m, tl.max(block_m, axis=0))
+    s = s * tl.exp(m - m_new) + tl.sum(block_s * tl.exp(block_m - m_new), axis=0)
+    return m_new, s
+
+
+@triton.jit
+def row_stats(row_ptr, V, m, s, u_sum, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Running statistics (max, sum of exp, sum) of a row's transformed logits continued over
+    its V columns, BLOCK_V at a time."""
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.where(mask, transform(z, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        m, s = merge(m, s, u, 1.0)
+        u_sum += tl.sum(tl.where(mask, u, 0.0), axis=0)
+    return m, s, u_sum
+
+
+@triton.jit
+def merge_tiles(at, n_tiles, plane, m, s, u_sum, TILE_SUM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The same statistics from the per-tile ones the logits matmul wrote (kernels/logits.py):
+    ``at`` points at the row's first tile; planes of max, sum of exp and (TILE_SUM) sum of u."""
+    for t0 in range(0, n_tiles, BLOCK_T):
+        offs = t0 + tl.arange(0, BLOCK_T)
+        ok = offs < n_tiles
+        tile_m = tl.load(at + offs, mask=ok, other=float("-inf"))
+        tile_s = tl.load(at + plane + offs, mask=ok, other=0.0)
+        m, s = merge(m, s, tile_m, tile_s)
+        if TILE_SUM:
+            u_sum += tl.sum(tl.load(at + 2 * plane + offs, mask=ok, other=0.0), axis=0)
+    return m, s, u_sum
+
+
+@triton.jit
+def stats_of_row(row_ptr, V, tile_ptr, row, n_tiles, plane, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr,
+                 TILE_STATS: tl.constexpr, TILE_SUM: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_V: tl.constexpr):  # fmt: skip
+    """(max, sum of exp, sum) of a row's transformed logits: read, or merged from the tiles."""
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    u_sum = tl.zeros((), tl.float32)
+    if TILE_STATS:
+        m, s, u_sum = merge_tiles(tile_ptr + row * n_tiles, n_tiles, plane, m, s, u_sum, TILE_SUM, BLOCK_T)
+    else:
+        m, s, u_sum = row_stats(row_ptr, V, m, s, u_sum, logit_scale, softcap, HAS_SOFTCAP, BLOCK_V)
+    return m, s, u_sum
+
+
+@triton.jit
+def token_loss(m, log_s, u_sum, u_y, vocab_total, label_smoothing, z_loss):
+    """A token's loss from its row's statistics; lse = m + log_s is kept apart so that
+    (m - u_y) + log_s loses nothing when u_y is the max."""
+    lse = m + log_s
+    loss = (1.0 - label_smoothing) * ((m - u_y) + log_s)
+    loss += label_smoothing * ((m - u_sum / vocab_total) + log_s)
+    loss += z_loss * lse * lse
+    return loss
+
+
+@triton.jit
+def grad_at_target(u_y, m, log_s, lse, vocab_total, label_smoothing, z_loss):
+    """dloss/du at the target column. p_y - 1 is formed first, in fp32 (exactly, for p_y >= 1/2),
+    so a confident token loses nothing to cancellation."""
+    p_y = tl.exp((u_y - m) - log_s)
+    g_y = (1.0 - label_smoothing) * (p_y - 1.0) + label_smoothing * (p_y - 1.0 / vocab_total)
+    g_y += 2.0 * z_loss * lse * p_y
+    return g_y
+
+
+@triton.jit
+def softmax_grad(u, m, log_s, p_coef, label_smoothing, vocab_total):
+    """dloss/du at the columns other than the target; p_coef = 1 + 2 c lse."""
+    return tl.exp((u - m) - log_s) * p_coef - label_smoothing / vocab_total
+
+
+@triton.jit
+def softcap_grad(u, inv_cap):
+    """du/dz over logit_scale, from the capped u: 1 - tanh**2."""
+    t = u * inv_cap
+    return 1.0 - t * t
+
+
+@triton.jit
+def write_grad(row_ptr, V, local, m, log_s, p_coef, coef, label_smoothing, vocab_total, logit_scale, softcap,
+               HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
+    """Overwrite a row, in place and in its own dtype, with coef * dloss/du * du/dz; the target
+    column (``local``, if in the row) is written 0: its gradient leaves as one fp32 number."""
+    if HAS_SOFTCAP:
+        inv_cap = 1.0 / softcap  # one division per row, not per element
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        u = transform(z, logit_scale, softcap, HAS_SOFTCAP)
+        d = softmax_grad(u, m, log_s, p_coef, label_smoothing, vocab_total)
+        d = tl.where(cols == local, 0.0, d)
+        if HAS_SOFTCAP:
+            d = d * softcap_grad(u, inv_cap)
+        d = d * coef
+        if ROUND_BF16:
+            d = round_bf16(d)
+        tl.store(row_ptr + cols, d.to(row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> bf16, round to nearest even, by bits: Triton's CPU interpreter truncates in
+    .to(tl.bfloat16), which would double the gradient's rounding error there; GPUs round."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = bits + 0x7FFF + ((bits >> 16) & 1)
+    rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), rounded)
+
+
+def launch_rows(kernel, logits, *args, **meta) -> None:
+    """Launch a row kernel: one program per row of ``logits`` (unit column stride), whose first
+    arguments are the logits and their row stride, then ``args``; BLOCK_V columns a step."""
+    rows, V = logits.shape
+    if rows == 0:
+        return
+    block = min(triton.next_power_of_2(V), 4096)
+    kernel[(rows,)](logits, logits.stride(0), *args, BLOCK_V=block, num_warps=8 if block >= 2048 else 4, **meta)
+
+
+def tile_args(tile_stats) -> tuple:
+    """(tile_ptr, n_tiles, tile_plane) of the logits matmul's statistics [2 or 3, rows, tiles]."""
+    _, rows, tiles = (0, 1, 1) if tile_stats is None else tile_stats.shape
+    return tile_stats, tiles, rows * tiles
+
+
+# The kernels' flags, derived from their arguments (triton.heuristics): absent inputs are None.
+HAS_SOFTCAP = {"HAS_SOFTCAP": lambda a: a["softcap"] is not None}
+TILES = {  # tile_ptr: the logits matmul's per-tile statistics, merged instead of reading the row
+    "TILE_STATS": lambda a: a["tile_ptr"] is not None,
+    "TILE_SUM": lambda a: a["tile_ptr"] is not None and a["tile_ptr"].shape[0] == 3,  # the sums' plane
+    "BLOCK_T": lambda a: min(triton.next_power_of_2(a["n_tiles"]), 1024),  # tiles merged per step
+}
+# The CPU interpreter truncates in .to(tl.bfloat16): a bf16 row written there is rounded by bits.
+ROUND_BF16 = {"ROUND_BF16": lambda a: a["logits_ptr"].device.type == "cpu" and a["logits_ptr"].dtype == torch.bfloat16}

@@ -1,0 +1,77 @@
+"""Triton kernel: the gradient of a chunk of logits in place, from each token's known lse.
+
+What backward of reduction "none" runs (with each token's grad_output as its scale), what the
+low-memory plan's vocabulary pass runs on each block of W, and a vocabulary shard's second pass
+(after the ranks have combined their statistics into the lse). The columns are global ids
+vocab_start .. vocab_start + V - 1 of a vocabulary of vocab_total; a target outside them has no
+column here (target gradient 0, every column dense).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import common
+
+
+@triton.heuristics({**common.HAS_SOFTCAP, **common.ROUND_BF16})
+@triton.jit
+def _gradient_kernel(
+    logits_ptr,  # *T [rows, V]: overwritten by the gradient
+    logits_stride,
+    targets_ptr,  # *int32|int64 [rows]: global ids
+    lse_ptr,  # *fp32 [rows]: each token's log-sum-exp over the whole vocabulary
+    scale_ptr,  # *fp32 [1 or rows]
+    scale_stride,  # 0 or 1
+    target_grad_ptr,  # *fp32 [rows]: out, the gradient at the target (0 if not in these columns)
+    V,  # columns of this block or shard
+    vocab_start,  # global id of column 0
+    vocab_total,  # the whole vocabulary
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,  # None: no softcap
+    logit_scale,
+    HAS_SOFTCAP: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_stride
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    local, here, u_y = common.target_logit(row_ptr, target, vocab_start, V, logit_scale, softcap, HAS_SOFTCAP)
+    valid = (target >= 0) & (target < vocab_total)
+    lse = tl.load(lse_ptr + row)
+    coef = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * logit_scale
+    coef = tl.where(valid & (target != ignore_index), coef, 0.0)
+    g_y = common.grad_at_target(u_y, lse, 0.0, lse, vocab_total, label_smoothing, z_loss)
+    if HAS_SOFTCAP:
+        g_y = g_y * common.softcap_grad(u_y, 1.0 / softcap)
+    tl.store(target_grad_ptr + row, tl.where(here, g_y * coef, 0.0))
+    common.write_grad(row_ptr, V, local, lse, 0.0, 1.0 + 2.0 * z_loss * lse, coef, label_smoothing, vocab_total,
+                      logit_scale, softcap, HAS_SOFTCAP, BLOCK_V, ROUND_BF16)  # fmt: skip
+
+
+def gradient(logits, targets, lse, scale, target_grad, opts, *, vocab_start=0, vocab_total=None) -> None:
+    """Overwrite ``logits`` [rows, V] with the gradient, times ``scale``, given each token's lse;
+    target_grad [rows] receives the gradient at each target (see kernels.cross_entropy). The
+    columns are global ids vocab_start .. vocab_start + V - 1 of a vocabulary of vocab_total
+    (default V)."""
+    common.launch_rows(
+        _gradient_kernel,
+        logits,
+        targets,
+        lse,
+        scale,
+        0 if scale.numel() == 1 else 1,
+        target_grad,
+        logits.shape[1],
+        vocab_start,
+        logits.shape[1] if vocab_total is None else vocab_total,
+        opts.ignore_index,
+        opts.label_smoothing,
+        opts.z_loss,
+        opts.softcap,
+        opts.logit_scale,
+    )
