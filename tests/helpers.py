@@ -16,7 +16,17 @@ from fused_cel import chunks, linear_cross_entropy, linear_cross_entropy_referen
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch"] + (["triton"] if fused_cel.triton_available(DEVICE) else [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-LOSS_OPTS = ("ignore_index", "reduction", "label_smoothing", "z_loss", "softcap", "logit_scale", "shift", "num_items")
+LOSS_OPTS = (
+    "ignore_index",
+    "reduction",
+    "label_smoothing",
+    "z_loss",
+    "softcap",
+    "logit_scale",
+    "temperature",
+    "shift",
+    "num_items",
+)
 LOW = 0.05  # MiB: below the default plan's fp32 accumulators at N=128, D=40, V=300
 
 

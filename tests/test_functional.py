@@ -31,6 +31,8 @@ OPTION_SETS = [
     {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 4.0, "logit_scale": 1.5, "reduction": "sum"},
     {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 4.0, "logit_scale": 0.5, "reduction": "none", "shift": True},
     {"label_smoothing": 0.05, "softcap": 30.0, "shift": True, "num_items": 41},
+    {"temperature": 0.7},
+    {"temperature": 1.3, "softcap": 4.0, "logit_scale": 1.5, "label_smoothing": 0.1, "z_loss": 1e-3},
 ]
 
 
@@ -236,6 +238,7 @@ def test_module_matches_functional():
             "z_loss": st.sampled_from([0.0, 1e-3]),
             "softcap": st.sampled_from([None, 2.0, 30.0]),
             "logit_scale": st.sampled_from([1.0, 0.5, -2.0]),
+            "temperature": st.sampled_from([1.0, 0.6, 2.0]),
             "shift": st.booleans(),
         }
     ),

@@ -20,7 +20,7 @@ from dist_util import run_group
 V, D, B, T = 301, 16, 2, 20  # 301 = 100 + 101 + 100 = 150 + 151: uneven shards
 BOUNDS = {2: [0, 150, 301], 3: [0, 100, 201, 301]}
 DTYPES = [torch.float32, torch.bfloat16]
-EVERYTHING = dict(label_smoothing=0.1, z_loss=1e-3, softcap=3.0, logit_scale=0.7, shift=True)
+EVERYTHING = dict(label_smoothing=0.1, z_loss=1e-3, softcap=3.0, logit_scale=0.7, temperature=0.8, shift=True)
 CASES = {
     "mean": {},
     "sum": {"reduction": "sum"},

@@ -30,6 +30,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
+    temperature: float = 1.0,
     shift: bool = False,
     num_items: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
@@ -54,6 +55,7 @@ def linear_cross_entropy(
         z_loss: c >= 0; each counted token adds c * logsumexp(logits)**2.
         softcap: if set (> 0), logits = softcap * tanh(logits / softcap) (Gemma 2).
         logit_scale: logits *= logit_scale before the softcap (Cohere).
+        temperature: T > 0; logits /= T after the softcap (TRL's order).
         shift: next-token loss, position t scored against labels[..., t + 1]; the last position of
             each sequence is not scored. reduction="none" then returns shape labels[..., 1:].
         num_items: divisor of reduction="mean" (a finite number > 0, or a one-element tensor, e.g.
@@ -102,6 +104,7 @@ def linear_cross_entropy(
         z_loss=z_loss,
         softcap=softcap,
         logit_scale=logit_scale,
+        temperature=temperature,
         chunk_size=chunk_size,
         memory_budget_mib=memory_budget_mib,
         check_labels=check_labels,

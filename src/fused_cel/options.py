@@ -26,8 +26,8 @@ class Options:
     reduction: str = "mean"
     label_smoothing: float = 0.0
     z_loss: float = 0.0
-    softcap: float | None = None
-    logit_scale: float = 1.0
+    softcap: float | None = None  # of the logits the loss sees: the user's over the temperature
+    logit_scale: float = 1.0  # likewise, the user's over the temperature
     # How it runs.
     chunk_size: int | None = None  # tokens per chunk; None: fused_cel.plan chooses
     memory_budget_mib: float | None = None  # working memory bound (fused_cel.plan)
@@ -57,6 +57,7 @@ def make(
     memory_budget_mib,
     check_labels,
     backend,
+    temperature=1.0,
     shift=False,
     num_items=None,
     process_group=None,
@@ -65,7 +66,11 @@ def make(
     reduce_hidden_grad=True,
 ) -> Options:
     """Check every tensor-free option; return them as Options. What depends on the tensors (the
-    backend "auto", compute_dtype, a process group's layout) the caller resolves after this."""
+    backend "auto", compute_dtype, a process group's layout) the caller resolves after this.
+
+    The temperature T divides the logits after the softcap, and is folded into the transform:
+    softcap * tanh(logit_scale * z / softcap) / T = c' tanh(s' z / c') with c' = softcap / T,
+    s' = logit_scale / T, so the kernels know nothing of it."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -(2**63) <= ignore_index < 2**63:
@@ -77,6 +82,7 @@ def make(
     if softcap is not None:
         softcap = _real("softcap", softcap, lo=0.0, lo_open=True)
     logit_scale = _real("logit_scale", logit_scale)
+    temperature = _real("temperature", temperature, lo=0.0, lo_open=True)
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
             raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
@@ -101,8 +107,8 @@ def make(
         reduction=reduction,
         label_smoothing=label_smoothing,
         z_loss=z_loss,
-        softcap=softcap,
-        logit_scale=logit_scale,
+        softcap=None if softcap is None else softcap / temperature,
+        logit_scale=logit_scale / temperature,
         chunk_size=chunk_size,
         memory_budget_mib=memory_budget_mib,
         check_labels=check_labels,

@@ -23,6 +23,7 @@ def linear_cross_entropy_reference(
     z_loss: float = 0.0,
     softcap: float | None = None,
     logit_scale: float = 1.0,
+    temperature: float = 1.0,
     shift: bool = False,
     num_items: int | torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
@@ -31,6 +32,7 @@ def linear_cross_entropy_reference(
     logits = F.linear(hidden, weight, bias).to(compute_dtype) * logit_scale
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / temperature
     if shift:
         logits, labels = logits[..., :-1, :], labels[..., 1:]
     V = logits.shape[-1]
