@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from fused_cel import linear_cross_entropy, low_memory, op
+from fused_cel import linear_cross_entropy, linear_log_probs, low_memory, op
 from fused_cel.options import Options
 from helpers import BACKENDS, DEVICE, LOW, check_autocast, count_chunk_loops, leaves, make_inputs, run_case, spy_calls
 
@@ -123,6 +123,35 @@ def test_compiled_matches_eager_and_float64(backend, compiler, dtype, case, monk
     assert bool(vocab_passes) == ("memory_budget_mib" in opts), "the low-memory plan did not run (or ran unasked)"
 
 
+@pytest.mark.parametrize("backend, compiler", PAIRS)
+def test_compiled_log_probs_and_token_stats(backend, compiler):
+    """linear_log_probs with the entropy's gradient, and the loss with its token statistics, are
+    one graph with the one op, fullgraph, and give eager's results."""
+    hidden, weight, bias, labels = make_inputs(*SHAPE)
+    recorder = Recorder(compiler)
+
+    def log_probs(x, w, b):
+        out = linear_log_probs(x, w, labels, b, entropy=True, top1=True, temperature=0.8, shift=True, backend=backend)
+        return (out.log_probs * 1.5 + 0.3 * out.entropy).sum(), out.top1
+
+    def with_stats(x, w, b):
+        loss, stats = linear_cross_entropy(x, w, labels, b, softcap=4.0, return_token_stats=True, backend=backend)
+        return loss, stats.entropy, stats.top1
+
+    for fn in (log_probs, with_stats):
+        torch._dynamo.reset()
+        recorder.graphs.clear()
+        results = []
+        for f in (fn, torch.compile(fn, backend=recorder, fullgraph=True)):
+            x, w, b = leaves((hidden, weight, bias), torch.float32, (True, True, True))
+            out = f(x, w, b)
+            out[0].backward()
+            results.append([*out, x.grad, w.grad, b.grad])
+        # Inductor sums the per-token outputs in its own order: the scalar to rounding
+        torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-6)
+        assert len(recorder.graphs) == 1 and recorder.ops() == [FORWARD_OP], fn.__name__
+
+
 @pytest.mark.parametrize("trainable", [(True, False, False), (False, True, False)], ids=["frozen_weight", "weight"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("backend, compiler", PAIRS)
@@ -203,7 +232,7 @@ def test_compiled_model_with_dynamic_shapes():
     assert len(recorder.graphs) <= 2, f"{len(recorder.graphs)} graphs for 4 batch lengths"
 
 
-def op_args(reduction="mean", dtype=torch.float32, need=(True, True, True), budget=None, backend="torch"):
+def op_args(reduction="mean", dtype=torch.float32, need=(True, True, True), budget=None, backend="torch", stats=False):
     """Arguments of fused_cel::linear_cross_entropy for a small problem (12 tokens, V=50)."""
     n, d, v = 12, 8, 50
     hidden = torch.randn(n, d, device=DEVICE, dtype=dtype, requires_grad=need[0])
@@ -221,6 +250,7 @@ def op_args(reduction="mean", dtype=torch.float32, need=(True, True, True), budg
         memory_budget_mib=budget,
         backend=backend,
         compute_dtype=dtype,
+        token_stats=stats,
     )
     return (hidden, weight, bias, targets, divisor, *op.flatten(opts, need))
 
@@ -239,6 +269,8 @@ OPCHECKS = {
     "mean_fp32": (dict(), NO_AOT),
     "low_memory_bf16": (dict(dtype=torch.bfloat16, budget=LOW), NO_AOT),
     "triton_mean_bf16": (dict(dtype=torch.bfloat16, backend="triton"), ALL_TESTS),
+    "none_token_stats": (dict(reduction="none", stats=True), ALL_TESTS),
+    "mean_token_stats_bf16": (dict(dtype=torch.bfloat16, stats=True), ALL_TESTS),
 }
 
 
@@ -250,10 +282,13 @@ def test_opcheck_forward(case):
     torch.library.opcheck(op.forward_op, op_args(**kwargs), test_utils=tests)
 
 
+@pytest.mark.parametrize("entropy", [False, True], ids=["loss", "loss+entropy"])
 @pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, True)], ids=str)
-def test_opcheck_backward(need):
-    hidden, weight, bias, targets, _, *options = op_args("none", need=need)
-    lse = torch.logsumexp(hidden.detach() @ weight.detach().T + bias.detach(), dim=-1)
+def test_opcheck_backward(need, entropy):
+    hidden, weight, bias, targets, _, *options = op_args("none", need=need, stats=entropy)
+    logits = hidden.detach() @ weight.detach().T + bias.detach()
+    lse = torch.logsumexp(logits, dim=-1)
     grad = torch.randn(hidden.shape[0], device=DEVICE)
-    args = (grad, hidden.detach(), weight.detach(), bias.detach(), targets, lse, *options)
+    ent = (grad, -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)) if entropy else (None, None)
+    args = (grad, ent[0], hidden.detach(), weight.detach(), bias.detach(), targets, lse, ent[1], *options)
     torch.library.opcheck(op.backward_op, args)

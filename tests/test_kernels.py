@@ -49,10 +49,13 @@ def tolerance(dtype):
 
 
 def cross_entropy(be, logits, targets, opts, scale=None):
-    """(gradient as written, loss, lse, target grad) of one call, from poisoned outputs."""
-    logits, loss, lse, tg = logits.clone(), *(nans(logits.shape[0]) for _ in range(3))
-    be.cross_entropy(logits, targets, loss, lse, opts, scale=scale, target_grad=None if scale is None else tg)
-    return logits, loss, lse, tg
+    """(gradient as written, loss, lse, target grad, entropy, extras) of one call with the token
+    statistics, from poisoned outputs."""
+    rows = logits.shape[0]
+    logits, loss, lse, tg, entropy, extras = logits.clone(), *(nans(rows) for _ in range(4)), nans(rows, 3)
+    tg = None if scale is None else tg
+    be.cross_entropy(logits, targets, loss, lse, opts, scale=scale, target_grad=tg, entropy=entropy, extras=extras)
+    return logits, loss, lse, tg if tg is not None else torch.zeros(rows, device=DEVICE), entropy, extras
 
 
 @pytest.mark.parametrize("V", [1, 300, 4096, 5000])
@@ -68,7 +71,7 @@ def test_cross_entropy_matches_twin(opts, dtype, V):
     # the loss alone (no_grad): the logits are left untouched
     got, want = (cross_entropy(be, logits, targets, opts) for be in (TRITON, twin))
     assert torch.equal(got[0], logits)
-    torch.testing.assert_close(got[1:3], want[1:3])
+    torch.testing.assert_close(got[1:], want[1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -85,13 +88,15 @@ def test_gradient_matches_twin(opts, dtype, where):
     targets[4] = opts.ignore_index
     lse = torch.randn(9, device=DEVICE) + 8
     scale = torch.rand(9, device=DEVICE) + 0.5
-    results = []
-    for be in (TRITON, twin):
-        out, tg = logits.clone(), nans(9)
-        be.gradient(out, targets, lse, scale, tg, opts, vocab_start=start, vocab_total=total)
-        results.append((out.float(), tg))
-    assert not results[0][1].isnan().any()
-    torch.testing.assert_close(results[0], results[1], **tolerance(dtype))
+    ent = dict(ent_scale=torch.randn(9, device=DEVICE), entropy=torch.rand(9, device=DEVICE) * 3)
+    for extra in ({}, ent):  # with the entropy's gradient too
+        results = []
+        for be in (TRITON, twin):
+            out, tg = logits.clone(), nans(9)
+            be.gradient(out, targets, lse, scale, tg, opts, vocab_start=start, vocab_total=total, **extra)
+            results.append((out.float(), tg))
+        assert not results[0][1].isnan().any()
+        torch.testing.assert_close(results[0], results[1], **tolerance(dtype))
 
 
 @pytest.mark.parametrize("tiles", [False, True], ids=["row", "tiles"])
@@ -144,9 +149,10 @@ def test_online_softmax_matches_twin(dtype, first, write_p):
 def test_invalid_label_gives_nan_not_a_read():
     logits = torch.randn(3, 100, device=DEVICE)
     targets = torch.tensor([5, 100, -7], device=DEVICE)
-    _, loss, _, tg = cross_entropy(TRITON, logits, targets, OPTS[0], torch.ones(1, device=DEVICE))
+    _, loss, _, tg, _, extras = cross_entropy(TRITON, logits, targets, OPTS[0], torch.ones(1, device=DEVICE))
     assert torch.isfinite(loss[0]) and loss[1:].isnan().all()
     assert torch.equal(tg[1:], torch.zeros(2, device=DEVICE))  # no gradient from a bad label
+    assert torch.equal(extras[1:, 0], torch.zeros(2, device=DEVICE))  # and no top-1
 
 
 # -- the shared helpers, elementwise, against their twins --------------------------------------
@@ -175,6 +181,14 @@ def _helpers_kernel(in_ptr, out_ptr, n, vocab_total, label_smoothing, z_loss, lo
     tl.store(out_ptr + 3 * n + offs, d, mask=mask)
     if HAS_SOFTCAP:
         tl.store(out_ptr + 4 * n + offs, common.softcap_grad(u, 1.0 / softcap), mask=mask)
+    tl.store(out_ptr + 5 * n + offs, common.entropy_grad(u, m, log_s, u_y), mask=mask)
+    # token_stats with log_s and u_sum standing in for s and c, z for s2 and u_y for mb
+    entropy, top1, mean_u, log_sum_sq = common.token_stats(m, tl.exp(log_s), log_s, u_sum, u_sum, tl.exp(z), u_y,
+                                                           u, vocab_total)  # fmt: skip
+    tl.store(out_ptr + 6 * n + offs, entropy, mask=mask)
+    tl.store(out_ptr + 7 * n + offs, tl.where(top1, 1.0, 0.0), mask=mask)
+    tl.store(out_ptr + 8 * n + offs, mean_u, mask=mask)
+    tl.store(out_ptr + 9 * n + offs, log_sum_sq, mask=mask)
 
 
 @triton.jit
@@ -196,7 +210,7 @@ def test_helpers_match_twins(opts):
     log_s = torch.rand(n, device=DEVICE) * 8
     u_sum = torch.randn(n, device=DEVICE) * 100
     u_y = m - torch.rand(n, device=DEVICE) * torch.logspace(-6, 1, n, device=DEVICE)  # confident ones too
-    out = nans(5 * n)
+    out = nans(10 * n)
     _helpers_kernel[(1,)](torch.stack([z, m, log_s, u_sum, u_y]), out, n, V, opts.label_smoothing, opts.z_loss,
                           opts.logit_scale, opts.softcap, BLOCK=256)  # fmt: skip
     u = twin.transform(z, opts.logit_scale, opts.softcap)
@@ -207,10 +221,15 @@ def test_helpers_match_twins(opts):
         twin.grad_at_target(u_y, m, log_s, lse, V, opts.label_smoothing, opts.z_loss),
         twin.softmax_grad(u, m, log_s, 1.0 + 2.0 * opts.z_loss * lse, opts.label_smoothing, V),
     ]
-    if opts.softcap is not None:
-        want.append(twin.softcap_grad(u, 1.0 / opts.softcap))
-    for name, got, w in zip(("transform", "token_loss", "grad_at_target", "softmax_grad", "softcap_grad"),
-                            out.view(5, n), want):  # fmt: skip
+    want.append(twin.softcap_grad(u, 1.0 / opts.softcap) if opts.softcap is not None else None)
+    want.append(twin.entropy_grad(u, m, log_s, u_y))
+    entropy, top1, mean_u, log_sum_sq = twin.token_stats(m, log_s.exp(), log_s, u_sum, u_sum, z.exp(), u_y, u, V)
+    want += [entropy, top1.float(), mean_u, log_sum_sq]
+    names = ("transform", "token_loss", "grad_at_target", "softmax_grad", "softcap_grad", "entropy_grad")
+    names += ("entropy", "top1", "mean_logit", "log_sum_sq")
+    for name, got, w in zip(names, out.view(10, n), want):  # fmt: skip
+        if w is None:  # no softcap: not written
+            continue
         # GPUs' exp is approximate: a few ulp of its argument, as in the kernel-vs-twin tests above
         torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6, msg=lambda s, name=name: f"{name}: {s}")
 

@@ -207,3 +207,49 @@ def test_compiled_vocab_parallel(seed):
             for case in ("mean", "everything_none"):
                 eager, compiled = rank[layout, case, "eager"], rank[layout, case, "compiled"]
                 torch.testing.assert_close(compiled, eager, rtol=0, atol=0, msg=f"{layout}, {case}")
+
+
+def _stats_rank_work(rank, world, inputs, backends):
+    """This rank's loss, token statistics and gradients (the loss's and the entropy's, for
+    reduction "none") with its rows of W and b; the same in one process for rank 0."""
+    hidden, weight, bias, labels, grads = inputs
+    lo, hi = BOUNDS[world][rank], BOUNDS[world][rank + 1]
+    results = {}
+    for backend in backends:
+        for reduction in ("mean", "none"):
+            y, opts = labels["everything_none"], {**EVERYTHING, "chunk_size": 8, "reduction": reduction}
+            for name, rows, group in (("parallel", slice(lo, hi), dist.group.WORLD), ("single", slice(None), None)):
+                x, w, b = (t.clone().requires_grad_() for t in (hidden, weight[rows], bias[rows]))
+                kw = {} if group is None else dict(process_group=group)
+                loss, stats = fused_cel.linear_cross_entropy(
+                    x, w, y, b, backend=backend, return_token_stats=True, **opts, **kw
+                )
+                g = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape)
+                objective = (loss * g).sum()
+                if reduction == "none":  # the entropy is differentiable there
+                    objective = objective + (stats.entropy * g.flip(-1)).sum()
+                objective.backward()
+                results[backend, reduction, name] = [loss.detach(), *stats, x.grad, w.grad, b.grad]
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_token_stats_match_single_process(world, seed):
+    """The token statistics (and the entropy's gradient) combine over the ranks: every rank has
+    the single-process statistics, dX, and its rows of dW and db (fp32, to rounding)."""
+    inputs = parallel_inputs(seed)
+    backends = ["torch"] + (["triton"] if "triton" in BACKENDS else [])
+    ranks = run_group(_stats_rank_work, world, inputs, backends, timeout=120)
+    for backend in backends:
+        for reduction in ("mean", "none"):
+            single = ranks[0][backend, reduction, "single"]
+            for r, res in enumerate(ranks):
+                got = res[backend, reduction, "parallel"]
+                lo, hi = BOUNDS[world][r], BOUNDS[world][r + 1]
+                want = single[:6] + [single[6][lo:hi], single[7][lo:hi]]
+                for i, (g, w) in enumerate(zip(got, want)):
+                    what = f"{backend} {reduction} rank {r} output {i}"
+                    if g.dtype == torch.bool:
+                        assert torch.equal(g, w), what
+                    else:
+                        assert rel_err(g, w) < 2e-6, f"{what}: {rel_err(g, w):.2e}"

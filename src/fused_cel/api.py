@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -41,7 +42,8 @@ def linear_cross_entropy(
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     reduce_hidden_grad: bool = True,
-) -> torch.Tensor:
+    return_token_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, without the logits.
 
     Args:
@@ -88,15 +90,17 @@ def linear_cross_entropy(
             summed over the group inside autograd (one all-reduce of N x D in fp32). False leaves
             each rank's partial gradient, for frameworks that all-reduce it themselves
             (Megatron's "copy to tensor-parallel region" does).
+        return_token_stats: also return TokenStats (entropy, top1, mean_logit, log_sum_sq_probs
+            per token, without gradient), from the same pass: no extra matmul.
 
     Returns:
         The float32 loss: a scalar, or per token for reduction="none". Every label ignored gives
         0 (not NaN) and zero gradients. Gradients reach hidden, weight and bias (each only if it
         requires grad) in their own dtypes. Under torch.autocast the matmuls run in the autocast
         dtype. For "mean" and "sum" the gradients are computed during the forward call; calling
-        backward twice through one loss (retain_graph=True) is not supported.
+        backward twice through one loss (retain_graph=True) is not supported. With
+        return_token_stats, (loss, TokenStats).
     """
-    options.check_tensors(hidden, weight, labels, bias)
     opts = options.make(
         ignore_index=ignore_index,
         reduction=reduction,
@@ -115,30 +119,127 @@ def linear_cross_entropy(
         vocab_start=vocab_start,
         vocab_size=vocab_size,
         reduce_hidden_grad=reduce_hidden_grad,
+        token_stats=return_token_stats,
     )
+    loss, entropy, extras = _run(hidden, weight, labels, bias, opts, shift, num_items, process_group)
+    if not return_token_stats:
+        return loss
+    return loss, TokenStats(entropy.detach(), *extras)
+
+
+class TokenStats(NamedTuple):
+    """Per-token statistics from the loss's own pass, shaped like the per-token loss, without
+    gradient; every one 0 (False) where the label is ignored."""
+
+    entropy: torch.Tensor  # float32: -sum_v p_v log p_v of the logits the loss sees
+    top1: torch.Tensor  # bool: the target is the argmax (ties go to the lowest index)
+    mean_logit: torch.Tensor  # float32: the mean of those logits over the vocabulary
+    log_sum_sq_probs: torch.Tensor  # float32: log sum_v p_v**2
+
+
+class LogProbs(NamedTuple):
+    """fused_cel.linear_log_probs's result; a statistic not asked for is None."""
+
+    log_probs: torch.Tensor  # float32 log p(label); 0 where ignored; differentiable
+    entropy: torch.Tensor | None  # float32; 0 where ignored; differentiable
+    top1: torch.Tensor | None  # bool; False where ignored
+    mean_logit: torch.Tensor | None  # float32 (no gradient)
+    log_sum_sq_probs: torch.Tensor | None  # float32 (no gradient)
+
+
+def linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    temperature: float = 1.0,
+    shift: bool = False,
+    entropy: bool = False,
+    top1: bool = False,
+    mean_logit: bool = False,
+    log_sum_sq_probs: bool = False,
+    chunk_size: int | None = None,
+    memory_budget_mib: float | None = None,
+    check_labels: bool = True,
+    backend: str = "auto",
+) -> LogProbs:
+    """Per-token log-probabilities of ``labels`` under ``hidden @ weight.T (+ bias)`` (scaled,
+    capped and divided by the temperature as in linear_cross_entropy), without the logits: what
+    RL losses (GRPO, RLOO, DPO) need, with gradient for any per-token grad_output.
+
+    log_probs is -linear_cross_entropy(..., reduction="none"); entropy (with gradient, e.g. for an
+    entropy bonus), top1 (the target is the argmax, ties to the lowest index), mean_logit and
+    log_sum_sq_probs (log sum_v p_v**2, as TRL's DPO and KTO log them; no gradient) come from the
+    same pass when asked for. Ignored positions give 0 (False). With shift=True the outputs have
+    the shape labels[..., 1:]. The other arguments are linear_cross_entropy's.
+    """
+    flags = dict(entropy=entropy, top1=top1, mean_logit=mean_logit, log_sum_sq_probs=log_sum_sq_probs)
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    opts = options.make(
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=0.0,
+        z_loss=0.0,
+        softcap=softcap,
+        logit_scale=logit_scale,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        memory_budget_mib=memory_budget_mib,
+        check_labels=check_labels,
+        backend=backend,
+        shift=shift,
+        token_stats=any(flags.values()),
+    )
+    loss, ent, extras = _run(hidden, weight, labels, bias, opts, shift, None, None)
+    top, mean, lss = extras if extras is not None else (None, None, None)
+    return LogProbs(
+        -loss,
+        ent if entropy else None,
+        top if top1 else None,
+        mean if mean_logit else None,
+        lss if log_sum_sq_probs else None,
+    )
+
+
+def _run(hidden, weight, labels, bias, opts, shift, num_items, process_group):
+    """(loss, entropy, (top1, mean logit, log sum p**2)): the op on the flattened, shifted
+    tokens; per-token results in the shape of labels (labels[..., 1:] with shift)."""
+    options.check_tensors(hidden, weight, labels, bias)
     if shift and hidden.dim() < 2:
         raise ValueError("shift=True needs a sequence dimension: hidden must be at least [T, D]")
     V, D = weight.shape
     x = hidden.reshape(-1, D)
     resolved = dict(
-        backend=_resolve_backend(backend, hidden.device), compute_dtype=_compute_dtype(hidden, weight, bias)
+        backend=_resolve_backend(opts.backend, hidden.device), compute_dtype=_compute_dtype(hidden, weight, bias)
     )
     if process_group is not None:
-        start, total = parallel.layout(process_group, V, x.shape[0], hidden.device, vocab_start, vocab_size)
+        start, total = parallel.layout(process_group, V, x.shape[0], hidden.device, opts.vocab_start, opts.vocab_size)
         resolved.update(group_name=process_group.group_name, vocab_start=start, vocab_size=total)
     opts = dataclasses.replace(opts, **resolved)
     targets = labels
     if shift:  # a shifted copy of the int labels only: hidden and logits are never copied
-        targets = torch.full_like(labels, ignore_index)
+        targets = torch.full_like(labels, opts.ignore_index)
         targets[..., :-1] = labels[..., 1:]
     targets = targets.reshape(-1)
-    divisor = _divisor(num_items, reduction, targets, ignore_index)
-    loss = op.linear_cross_entropy(x, weight, bias, targets, divisor, opts)
-    if reduction == "none":
-        loss = loss.view(labels.shape)
-        if shift:
-            loss = loss[..., :-1]
-    return loss
+    divisor = _divisor(num_items, opts.reduction, targets, opts.ignore_index)
+    loss, entropy, extras = op.linear_cross_entropy(x, weight, bias, targets, divisor, opts)
+
+    def per_token(t):
+        t = t.view(labels.shape)
+        return t[..., :-1] if shift else t
+
+    if opts.reduction == "none":
+        loss = per_token(loss)
+    if not opts.token_stats:
+        return loss, None, None
+    top1, mean_logit, log_sum_sq = (per_token(t) for t in extras.unbind(1))
+    return loss, per_token(entropy), (top1.bool(), mean_logit, log_sum_sq)
 
 
 # The keyword options of linear_cross_entropy and their defaults.
@@ -155,7 +256,9 @@ def check_keywords(kwargs: dict) -> None:
     unknown = sorted(set(kwargs) - set(KEYWORDS))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; valid: {sorted(KEYWORDS)}")
-    options.make(**{**KEYWORDS, **kwargs})
+    merged = {**KEYWORDS, **kwargs}
+    merged["token_stats"] = merged.pop("return_token_stats")
+    options.make(**merged)
 
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):

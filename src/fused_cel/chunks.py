@@ -38,6 +38,9 @@ class Work:
     dw: torch.Tensor | None = None  # [V, D] out, fp32 (the low-memory plan: its own dtype)
     db: torch.Tensor | None = None  # [V] out, fp32
     out_scale: torch.Tensor | None = None  # what the gradients rounded here are multiplied by
+    entropy: torch.Tensor | None = None  # [N] fp32: written with the loss (token statistics), or read
+    extras: torch.Tensor | None = None  # [N, 3] fp32 out with the loss: top-1, mean logit, log sum p**2
+    ent_scale: torch.Tensor | None = None  # [N] fp32: each token's multiplier of its entropy's gradient
 
     @property
     def writes_grad(self) -> bool:
@@ -71,9 +74,11 @@ def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = No
     f32 = dict(dtype=torch.float32, device=x.device)
     buf = torch.empty((chunk, v_pad), dtype=x.dtype, device=x.device)
     tile_buf, planes = None, 3 if opts.label_smoothing else 2
-    if be.tile_stats and work.loss is not None:  # the logits matmul writes the softmax statistics
+    if be.tile_stats and work.loss is not None and work.extras is None:  # the matmul writes softmax statistics
         tile_buf = torch.empty(planes * chunk * be.n_tiles(V), **f32)
-    stats = torch.empty((chunk, 4), **f32) if shard is not None and work.loss is not None else None
+    shard_stats = None
+    if shard is not None and work.loss is not None:  # with the token statistics' sums: 7 a token
+        shard_stats = torch.empty((chunk, 4 if work.extras is None else 7), **f32)
     target_grad = torch.empty(chunk, **f32) if work.writes_grad else None
     dx_tile = None
     if dx is not None and (dx.dtype != torch.float32 or work.out_scale is not None):
@@ -90,15 +95,20 @@ def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = No
         loss = None if work.loss is None else work.loss[start:end]
         scale = work.scale[start:end] if per_token_scale else work.scale
         tg = None if target_grad is None else target_grad[:rows]
+        stats = {}
+        if work.extras is not None:  # the token statistics, written with the loss
+            stats = dict(entropy=work.entropy[start:end], extras=work.extras[start:end])
+        elif work.ent_scale is not None:  # the entropy's gradient
+            stats = dict(ent_scale=work.ent_scale[start:end], entropy=work.entropy[start:end])
         tiles = None if tile_buf is None else tile_buf[: planes * rows * be.n_tiles(V)].view(planes, rows, -1)
         be.logits(xc, w_mm, b_mm, logits_mm, tiles, n_valid=V, opts=opts)
         if loss is None:  # the lse is known: the gradient alone
-            be.gradient(logits, tt, lse, scale, tg, opts, **at)
+            be.gradient(logits, tt, lse, scale, tg, opts, **at, **stats)
         elif shard is None:  # loss, lse and the gradient (if wanted) in one pass
-            be.cross_entropy(logits, tt, loss, lse, opts, scale=scale, target_grad=tg, tile_stats=tiles)
+            be.cross_entropy(logits, tt, loss, lse, opts, scale=scale, target_grad=tg, tile_stats=tiles, **stats)
         else:  # this shard's statistics, combined over the group; then its part of the gradient
-            be.shard_stats(logits, tt, stats[:rows], opts, vocab_start=shard.start, tile_stats=tiles)
-            parallel.combine(stats[:rows], tt, loss, lse, shard, opts)
+            be.shard_stats(logits, tt, shard_stats[:rows], opts, vocab_start=shard.start, tile_stats=tiles)
+            parallel.combine(shard_stats[:rows], tt, loss, lse, shard, opts, **stats)
             if tg is not None:
                 be.gradient(logits, tt, lse, scale, tg, opts, **at)
         if tg is None:

@@ -28,7 +28,7 @@ from .plan import Plan
 def run(work: Work, opts: Options, plan: Plan) -> None:
     """The token pass (loss, lse, dX), then the vocabulary pass (dW, db) if they are wanted."""
     token = dataclasses.replace(work, dw=None, db=None)
-    if plan.block_vocab:
+    if plan.block_vocab:  # (the plan takes whole rows for the token statistics and the entropy's gradient)
         token_sweep(token, opts, plan)
     else:
         chunks.run(token, opts, plan)
@@ -126,7 +126,10 @@ def vocab_pass(work: Work, opts: Options, plan: Plan) -> None:
             logits = buf[: n * rows].view(n, rows)
             be.logits(xc, w[v0 : v0 + rows], None if b is None else b[v0 : v0 + rows], logits)
             scale = work.scale[t0 : t0 + n] if per_token_scale else work.scale
-            be.gradient(logits, tt, work.lse[t0 : t0 + n], scale, tg, opts, vocab_start=v0, vocab_total=V)
+            ent = {}
+            if work.ent_scale is not None:
+                ent = dict(ent_scale=work.ent_scale[t0 : t0 + n], entropy=work.entropy[t0 : t0 + n])
+            be.gradient(logits, tt, work.lse[t0 : t0 + n], scale, tg, opts, vocab_start=v0, vocab_total=V, **ent)
             y = (tt - v0).clamp(0, rows - 1)  # tg is 0 where y is not in the block
             if acc is not None:
                 be.mm(logits.t(), xc, out=acc[:rows], accumulate=t0 > 0)

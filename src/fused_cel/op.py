@@ -1,11 +1,13 @@
 """fused_cel as torch.library custom ops: torch.compile sees one opaque op, no graph break.
 
 ``fused_cel::linear_cross_entropy`` runs the forward, the label check (the one host
-synchronisation) included, and returns (loss, lse, dx, dw, db). For "mean" and "sum" the
+synchronisation) included, and returns (loss, lse, entropy, extras, dx, dw, db): entropy and
+extras ([N, 3]: top-1, mean logit, log sum p**2) are the token statistics, when asked for. For "mean" and "sum" the
 gradients are computed there, in the same pass as the loss, and backward only scales them by
 grad_output (plain torch ops, traced into the backward graph). For "none" the per-token
 grad_output is needed inside the loop, so backward runs a second op,
-``fused_cel::linear_cross_entropy_backward``: the loop again, one more logits matmul.
+``fused_cel::linear_cross_entropy_backward``: the loop again, one more logits matmul; the
+entropy is differentiable there too (its gradient joins the same pass).
 
 The ops take tensors and the fields of fused_cel.options.Options, flattened in their order
 (this file is the one place that knows it), then which gradients to compute. A result the call
@@ -53,29 +55,31 @@ def _unflatten(args) -> tuple[Options, tuple[bool, bool, bool]]:
     return Options(*args[: len(_FIELDS)]), tuple(args[len(_FIELDS) :])
 
 
-def linear_cross_entropy(x, weight, bias, targets, divisor, opts: Options) -> Tensor:
-    """The loss of flattened inputs (x [N, D], targets [N], shift applied; divisor: the mean's,
-    or None) prepared by fused_cel.api. Gradients are computed for the tensors that require
-    grad, when grad mode is on."""
+def linear_cross_entropy(x, weight, bias, targets, divisor, opts: Options) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, entropy, extras) of flattened inputs (x [N, D], targets [N], shift applied;
+    divisor: the mean's, or None) prepared by fused_cel.api. Gradients are computed for the
+    tensors that require grad, when grad mode is on."""
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, weight, bias)]
-    loss, *_ = forward_op(x, weight, bias, targets, divisor, *flatten(opts, need))
-    return loss
+    loss, _, entropy, extras, *_ = forward_op(x, weight, bias, targets, divisor, *flatten(opts, need))
+    return loss, entropy, extras
 
 
 @torch.library.custom_op(
     "fused_cel::linear_cross_entropy",
     mutates_args=(),
     schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? divisor, {_OPTIONS}, {_NEED}) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def forward_op(hidden, weight, bias, targets, divisor, *args):
-    """(loss, lse, dx, dw, db) of hidden [N, D], weight [V, D], bias [V], targets [N]."""
+    """(loss, lse, entropy, extras, dx, dw, db) of hidden [N, D], weight [V, D], bias [V],
+    targets [N]."""
     opts, need = _unflatten(args)
     with torch.autocast(hidden.device.type, enabled=False):
         if opts.check_labels:
             check_label_range(targets, opts.vocab_total(weight.shape[0]), opts.ignore_index)
-        loss, lse, grads = _forward(hidden, weight, bias, targets, divisor, opts, need)
-    return loss, lse, *_placeholders(grads, hidden.device)
+        work, grads = _forward(hidden, weight, bias, targets, divisor, opts, need)
+    stats = _placeholders((work.entropy, work.extras), hidden.device)
+    return work.loss, work.lse, *stats, *_placeholders(grads, hidden.device)
 
 
 @forward_op.register_fake
@@ -83,38 +87,49 @@ def _forward_fake(hidden, weight, bias, targets, divisor, *args):
     """Shapes and dtypes of forward_op's results; the gradients' dtypes depend on the plan."""
     opts, need = _unflatten(args)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    loss = torch.empty(hidden.shape[:1] if opts.reduction == "none" else (), **f32)
+    N = hidden.shape[0]
+    loss = torch.empty((N,) if opts.reduction == "none" else (), **f32)
+    stats = (torch.empty(N, **f32), torch.empty((N, 3), **f32)) if opts.token_stats else (None, None)
     grads = (None, None, None)
     if opts.reduction != "none" and any(need):
         p = plan.choose(opts, hidden, weight, bias, need)
         grads = _empty_grads(hidden, weight, need, p.grad_dtypes(hidden.dtype, weight.dtype))
-    return loss, torch.empty(hidden.shape[:1], **f32), *_placeholders(grads, hidden.device)
+    return loss, torch.empty(N, **f32), *_placeholders(stats, hidden.device), *_placeholders(grads, hidden.device)
 
 
 def _setup_context(ctx, inputs, output):
     """Save what backward needs: for "mean" and "sum" forward's gradients (consumed by the one
-    backward), for "none" the inputs and the per-token log-sum-exp."""
+    backward), for "none" the inputs, the per-token log-sum-exp and entropy."""
     hidden, weight, bias, targets, divisor, *args = inputs
-    _, lse, *grads = output
-    ctx.mark_non_differentiable(lse, *grads)
+    _, lse, entropy, extras, *grads = output
     ctx.set_materialize_grads(False)
     ctx.opts, ctx.need = _unflatten(args)
     ctx.n_inputs = len(inputs)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    if ctx.opts.reduction == "none":
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+    if ctx.opts.reduction == "none":  # the entropy (when computed) is differentiable
+        stats = ctx.opts.token_stats
+        ctx.mark_non_differentiable(lse, extras, *grads, *(() if stats else (entropy,)))
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if stats else None)
         return
+    ctx.mark_non_differentiable(lse, entropy, extras, *grads)
     ctx.prescaled = plan.choose(ctx.opts, hidden, weight, bias, ctx.need).prescaled
     ctx.save_for_backward(*(g if n else None for g, n in zip(grads, ctx.need)), divisor)
     ctx.consumed = False
 
 
 @torch.autograd.function.once_differentiable
-def _backward(ctx, grad_loss, *_):
+def _backward(ctx, grad_loss, _, grad_entropy, *__):
     """Gradients of hidden, weight and bias (None for the other inputs)."""
     if ctx.opts.reduction == "none":
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        grads = backward_op(grad_loss, hidden, weight, bias, targets, lse, *flatten(ctx.opts, ctx.need))
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        if entropy is None:  # the placeholder's
+            grad_entropy = None
+        if grad_loss is None and grad_entropy is None:
+            return (None,) * ctx.n_inputs
+        if grad_loss is None:  # only the entropy is differentiated
+            grad_loss = torch.zeros_like(lse)
+        args = flatten(ctx.opts, ctx.need)
+        grads = backward_op(grad_loss, grad_entropy, hidden, weight, bias, targets, lse, entropy, *args)
         grads = tuple(g if n else None for g, n in zip(grads, ctx.need))
     else:
         if ctx.consumed:
@@ -142,19 +157,22 @@ forward_op.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op(
     "fused_cel::linear_cross_entropy_backward",
     mutates_args=(),
-    schema=f"(Tensor grad, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor lse, {_OPTIONS}, "
-    f"{_NEED}) -> (Tensor, Tensor, Tensor)",
+    schema=f"(Tensor grad, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+    f"Tensor lse, Tensor? entropy, {_OPTIONS}, {_NEED}) -> (Tensor, Tensor, Tensor)",
 )
-def backward_op(grad, hidden, weight, bias, targets, lse, *args):
-    """(dx, dw, db) of reduction "none" for the per-token grad [N], in their own dtypes: the loop
-    again, with each token's grad_output as its scale."""
+def backward_op(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy, *args):
+    """(dx, dw, db) of reduction "none" for the per-token grad [N] (and grad_entropy, the
+    entropy's), in their own dtypes: the loop again, with each token's grad_output as its scale."""
     opts, need = _unflatten(args)
     with torch.autocast(hidden.device.type, enabled=False):
         x, w, b = _compute(hidden, weight, bias, opts)
         p = plan.choose(opts, hidden, weight, bias, need)
         dx, dw, db = _empty_grads(x, w, need, p.grad_dtypes(hidden.dtype, weight.dtype))
         scale = grad.reshape(-1).float().contiguous()
-        _run(chunks.Work(x, w, b, targets, lse, scale=scale, dx=dx, dw=dw, db=db), opts, p)
+        work = chunks.Work(x, w, b, targets, lse, scale=scale, dx=dx, dw=dw, db=db)
+        if grad_entropy is not None:
+            work.ent_scale, work.entropy = grad_entropy.reshape(-1).float().contiguous(), entropy
+        _run(work, opts, p)
         be, one = backends.get(opts.backend), torch.ones((), dtype=torch.float32, device=x.device)
         own = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         grads = tuple(g if g is None or g.dtype == dt else be.cast(g, one, dt) for g, dt in zip((dx, dw, db), own))
@@ -162,7 +180,7 @@ def backward_op(grad, hidden, weight, bias, targets, lse, *args):
 
 
 @backward_op.register_fake
-def _backward_fake(grad, hidden, weight, bias, targets, lse, *args):
+def _backward_fake(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy, *args):
     """dx, dw, db in their tensors' shapes and dtypes, where needed."""
     _, need = _unflatten(args)
     grads = tuple(torch.empty_like(t) if n else None for t, n in zip((hidden, weight, bias), need))
@@ -170,12 +188,16 @@ def _backward_fake(grad, hidden, weight, bias, targets, lse, *args):
 
 
 def _forward(hidden, weight, bias, targets, divisor, opts: Options, need):
-    """(loss reduced, lse, grads). For "mean" and "sum" the pass also writes dX, dW, db where
-    ``need`` asks for them, as the plan lays them out; for "none", or when no gradient is
-    needed, only the loss runs (one pass per chunk, no gradient buffers)."""
+    """(work, grads): the pass's Work, whose loss is reduced, and the gradients. For "mean" and
+    "sum" the pass also writes dX, dW, db where ``need`` asks for them, as the plan lays them out;
+    for "none", or when no gradient is needed, only the loss (and the token statistics) runs:
+    one pass per chunk, no gradient buffers."""
     x, w, b = _compute(hidden, weight, bias, opts)
     f32 = dict(dtype=torch.float32, device=x.device)
-    work = chunks.Work(x, w, b, targets, torch.empty(x.shape[0], **f32), loss=torch.empty(x.shape[0], **f32))
+    N = x.shape[0]
+    work = chunks.Work(x, w, b, targets, torch.empty(N, **f32), loss=torch.empty(N, **f32))
+    if opts.token_stats:
+        work.entropy, work.extras = torch.empty(N, **f32), torch.empty((N, 3), **f32)
     if opts.reduction == "none" or not any(need):
         need = (False, False, False)
     p = plan.choose(opts, hidden, weight, bias, need)
@@ -185,10 +207,9 @@ def _forward(hidden, weight, bias, targets, divisor, opts: Options, need):
         work.dx, work.dw, work.db = grads
         work.out_scale = None if divisor is None or not p.prescaled[0] else 1.0 / divisor
     _run(work, opts, p)
-    loss = work.loss
     if opts.reduction != "none":
-        loss = loss.sum() if divisor is None else loss.sum() / divisor
-    return loss, work.lse, grads
+        work.loss = work.loss.sum() if divisor is None else work.loss.sum() / divisor
+    return work, grads
 
 
 def _run(work: chunks.Work, opts: Options, p: plan.Plan) -> None:

@@ -36,9 +36,11 @@ class Options:
     compute_dtype: torch.dtype = torch.float32  # the matmuls' dtype (autocast's, or the inputs')
     # Vocabulary parallelism (fused_cel.parallel): this rank's rows of the head.
     group_name: str | None = None  # the process group, by name; None: one process
-    vocab_start: int = 0  # global id of this weight's first row
+    vocab_start: int | None = None  # global id of this weight's first row (None: from the ranks' rows)
     vocab_size: int | None = None  # the whole vocabulary; None: this weight's rows
     reduce_hidden_grad: bool = True  # sum dX over the group inside autograd
+    # Outputs.
+    token_stats: bool = False  # per-token entropy, top-1, mean logit and log sum p**2
 
     def vocab_total(self, rows: int) -> int:
         """The whole vocabulary, for a weight of ``rows`` rows (this rank's, if sharded)."""
@@ -64,6 +66,7 @@ def make(
     vocab_start=None,
     vocab_size=None,
     reduce_hidden_grad=True,
+    token_stats=False,
 ) -> Options:
     """Check every tensor-free option; return them as Options. What depends on the tensors (the
     backend "auto", compute_dtype, a process group's layout) the caller resolves after this.
@@ -93,7 +96,7 @@ def make(
         memory_budget_mib = _real("memory_budget_mib", memory_budget_mib, lo=0.0, lo_open=True)
         if chunk_size is not None:
             raise ValueError("give chunk_size or memory_budget_mib, not both")
-    for name, flag in (("shift", shift), ("check_labels", check_labels)):
+    for name, flag in (("shift", shift), ("check_labels", check_labels), ("return_token_stats", token_stats)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if backend not in BACKENDS:
@@ -113,9 +116,10 @@ def make(
         memory_budget_mib=memory_budget_mib,
         check_labels=check_labels,
         backend=backend,
-        vocab_start=0 if vocab_start is None else int(vocab_start),
+        vocab_start=None if vocab_start is None else int(vocab_start),
         vocab_size=None if vocab_size is None else int(vocab_size),
         reduce_hidden_grad=reduce_hidden_grad,
+        token_stats=token_stats,
     )
 
 

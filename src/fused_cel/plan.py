@@ -99,7 +99,8 @@ def choose(opts: Options, hidden, weight, bias, need) -> Plan:
         fp32_db=fp32[2],
         vocab_pass=need[1] or need[2],
         fold_temps=backends.get(opts.backend).fold_makes_temporaries(),
-        token_sweep=not (need[0] and opts.softcap is not None and opts.label_smoothing > 0),
+        # The sweep has no per-column softcap with smoothing, token statistics or entropy gradient.
+        token_sweep=not (need[0] and opts.softcap is not None and opts.label_smoothing > 0) and not opts.token_stats,
         fp32_dx_sum=need[0],
     )
 

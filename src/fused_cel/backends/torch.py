@@ -32,16 +32,34 @@ def merge(m, s, block_m, block_s):
     return m_new, s
 
 
-def row_stats(u, m, s, u_sum):
-    """Running (max, sum of exp, sum) continued over the rows of u [rows, V] (transformed)."""
-    m, s = merge(m, s, u, 1.0)
-    return m, s, u_sum + u.sum(-1)
+def row_stats(u, local, m, s, u_sum, c, s2, mb, stats: bool):
+    """Running statistics continued over the rows of u [rows, V] (transformed): max m, the sum of
+    exp(u - m), the sum of u, and with ``stats`` c = sum of exp(u - m) (u - m), s2 = sum of
+    exp(2 (u - m)) and mb = the max of the columns before ``local``, each row's target column."""
+    if stats:
+        m_new = torch.maximum(m, u.amax(-1))
+        a = torch.exp(m - m_new)
+        e = torch.exp(u - m_new[:, None])
+        shift = torch.where(m == float("-inf"), 0.0, m - m_new)
+        c = (c + shift * s) * a + (e * (u - m_new[:, None])).sum(-1)
+        s2 = s2 * a * a + (e * e).sum(-1)
+        before = torch.arange(u.shape[1], device=u.device) < local[:, None]
+        mb = torch.maximum(mb, torch.where(before, u, float("-inf")).amax(-1))
+        s, m = s * a + e.sum(-1), m_new
+    else:
+        m, s = merge(m, s, u, 1.0)
+    return m, s, u_sum + u.sum(-1), c, s2, mb
 
 
 def merge_tiles(tiles, m, s, u_sum):
     """The same statistics from the logits matmul's per-tile ones, [2 or 3, rows, n_tiles]."""
     m, s = merge(m, s, tiles[0], tiles[1])
     return m, s, (u_sum + tiles[2].sum(-1) if len(tiles) == 3 else u_sum)
+
+
+def token_stats(m, s, log_s, u_sum, c, s2, mb, u_y, vocab_total):
+    """(entropy, whether the target is the first argmax, mean logit, log sum p**2)."""
+    return log_s - c / s, (u_y >= m) & (u_y > mb), u_sum / vocab_total, torch.log(s2) - 2.0 * log_s
 
 
 def token_loss(m, log_s, u_sum, u_y, vocab_total, label_smoothing, z_loss):
@@ -70,14 +88,25 @@ def softcap_grad(u, inv_cap):
     return 1.0 - t * t
 
 
-def write_grad(logits, u, local, m, log_s, p_coef, coef, label_smoothing, vocab_total, softcap):
-    """logits <- coef * dloss/du * du/dz, the target column (local) 0 (all per row, [rows])."""
+def entropy_grad(u, m, log_s, mean_u):
+    """dH/du of the entropy H = lse - E_p[u]: -p (u - E_p[u])."""
+    return -torch.exp((u - m) - log_s) * (u - mean_u)
+
+
+def write_grad(
+    logits, u, local, m, log_s, p_coef, coef, label_smoothing, vocab_total, softcap, ent_coef=None, mean_u=None
+):
+    """logits <- coef * dloss/du * du/dz (+ ent_coef * dH/du * du/dz), the target column (local)
+    0; every argument but u per row, [rows]."""
     d = softmax_grad(u, m[:, None], log_s[:, None], p_coef[:, None], label_smoothing, vocab_total)
-    cols = torch.arange(u.shape[1], device=u.device)
-    d = torch.where(cols == local[:, None], 0.0, d)
-    if softcap is not None:
-        d = d * softcap_grad(u, 1.0 / softcap)
-    logits.copy_(d * coef[:, None])
+    target = torch.arange(u.shape[1], device=u.device) == local[:, None]
+    d = torch.where(target, 0.0, d)
+    g = 1.0 if softcap is None else softcap_grad(u, 1.0 / softcap)
+    d = d * g * coef[:, None]
+    if ent_coef is not None:
+        h = torch.where(target, 0.0, ent_coef[:, None] * entropy_grad(u, m[:, None], log_s[:, None], mean_u[:, None]))
+        d = d + h * g
+    logits.copy_(d)
 
 
 def store_loss(loss, lse, m, log_s, u_sum, u_y, targets, vocab_total, opts: Options) -> None:
@@ -88,6 +117,17 @@ def store_loss(loss, lse, m, log_s, u_sum, u_y, targets, vocab_total, opts: Opti
     y = targets.long()
     per_token = torch.where((y >= 0) & (y < vocab_total), per_token, float("nan"))
     loss.copy_(torch.where(y == opts.ignore_index, 0.0, per_token))
+
+
+def store_stats(entropy, extras, m, s, log_s, u_sum, c, s2, mb, u_y, targets, vocab_total, opts: Options) -> None:
+    """entropy, extras <- each token's statistics, as the kernels' pass 1 stores them: 0 (False)
+    where the label is ignored, top-1 False for a label outside [0, vocab_total)."""
+    ent, top1, mean_u, log_sum_sq = token_stats(m, s, log_s, u_sum, c, s2, mb, u_y, vocab_total)
+    y = targets.long()
+    ignored, valid = y == opts.ignore_index, (y >= 0) & (y < vocab_total)
+    entropy.copy_(torch.where(ignored, 0.0, ent))
+    top1 = (top1 & valid & ~ignored).float()
+    extras.copy_(torch.where(ignored[:, None], 0.0, torch.stack([top1, mean_u, log_sum_sq], 1)))
 
 
 def _target(logits, targets, opts, vocab_start, vocab_total):
@@ -102,26 +142,43 @@ def _target(logits, targets, opts, vocab_start, vocab_total):
 
 
 def _start(rows, device):
+    """Running statistics before the first column: (m, s, u_sum, c, s2, mb)."""
     f32 = dict(dtype=torch.float32, device=device)
-    return torch.full((rows,), float("-inf"), **f32), torch.zeros(rows, **f32), torch.zeros(rows, **f32)
+    zeros = torch.zeros(rows, **f32)
+    ninf = torch.full((rows,), float("-inf"), **f32)
+    return ninf, zeros, zeros, zeros, zeros, ninf
 
 
 # -- one twin per kernel ------------------------------------------------------------------------
 
 
-def cross_entropy(logits, targets, loss, lse, opts: Options, *, scale=None, target_grad=None, tile_stats=None):
+def cross_entropy(
+    logits,
+    targets,
+    loss,
+    lse,
+    opts: Options,
+    *,
+    scale=None,
+    target_grad=None,
+    tile_stats=None,
+    entropy=None,
+    extras=None,
+):
     """See kernels.cross_entropy.cross_entropy."""
     rows, V = logits.shape
     if rows == 0:
         return
     u, local, here, counts, u_y = _target(logits, targets, opts, 0, V)
-    m, s, u_sum = _start(rows, logits.device)
+    m, s, u_sum, c, s2, mb = _start(rows, logits.device)
     if tile_stats is not None:
         m, s, u_sum = merge_tiles(tile_stats, m, s, u_sum)
     else:
-        m, s, u_sum = row_stats(u, m, s, u_sum)
+        m, s, u_sum, c, s2, mb = row_stats(u, local, m, s, u_sum, c, s2, mb, entropy is not None)
     log_s = torch.log(s)
     store_loss(loss, lse, m, log_s, u_sum, u_y, targets, V, opts)
+    if entropy is not None:
+        store_stats(entropy, extras, m, s, log_s, u_sum, c, s2, mb, u_y, targets, V, opts)
     if target_grad is None:
         return
     coef = torch.where(counts, scale.float().expand(rows) * opts.logit_scale, 0.0)
@@ -133,7 +190,19 @@ def cross_entropy(logits, targets, loss, lse, opts: Options, *, scale=None, targ
     write_grad(logits, u, local, m, log_s, 1.0 + 2.0 * opts.z_loss * lse_, coef, opts.label_smoothing, V, opts.softcap)
 
 
-def gradient(logits, targets, lse, scale, target_grad, opts: Options, *, vocab_start=0, vocab_total=None):
+def gradient(
+    logits,
+    targets,
+    lse,
+    scale,
+    target_grad,
+    opts: Options,
+    *,
+    vocab_start=0,
+    vocab_total=None,
+    ent_scale=None,
+    entropy=None,
+):
     """See kernels.gradient.gradient."""
     rows, V = logits.shape
     if rows == 0:
@@ -142,12 +211,19 @@ def gradient(logits, targets, lse, scale, target_grad, opts: Options, *, vocab_s
     u, local, here, counts, u_y = _target(logits, targets, opts, vocab_start, vocab_total)
     coef = torch.where(counts, scale.float().expand(rows) * opts.logit_scale, 0.0)
     zero = torch.zeros_like(lse)
-    g_y = grad_at_target(u_y, lse, zero, lse, vocab_total, opts.label_smoothing, opts.z_loss)
+    g_y = grad_at_target(u_y, lse, zero, lse, vocab_total, opts.label_smoothing, opts.z_loss) * coef
+    ent_coef = mean_u = None
+    if ent_scale is not None:
+        ent_coef = torch.where(counts, ent_scale.float() * opts.logit_scale, 0.0)
+        mean_u = lse - entropy
+        g_y = g_y + ent_coef * entropy_grad(u_y, lse, zero, mean_u)
     if opts.softcap is not None:
         g_y = g_y * softcap_grad(u_y, 1.0 / opts.softcap)
-    target_grad.copy_(torch.where(here, g_y * coef, 0.0))
+    target_grad.copy_(torch.where(here, g_y, 0.0))
     p_coef = 1.0 + 2.0 * opts.z_loss * lse
-    write_grad(logits, u, local, lse, zero, p_coef, coef, opts.label_smoothing, vocab_total, opts.softcap)
+    write_grad(
+        logits, u, local, lse, zero, p_coef, coef, opts.label_smoothing, vocab_total, opts.softcap, ent_coef, mean_u
+    )
 
 
 def shard_stats(logits, targets, stats, opts: Options, *, vocab_start, tile_stats=None):
@@ -155,13 +231,14 @@ def shard_stats(logits, targets, stats, opts: Options, *, vocab_start, tile_stat
     rows, V = logits.shape
     if rows == 0:
         return
-    u, _, here, _, u_y = _target(logits, targets, opts, vocab_start, vocab_start + V)
-    m, s, u_sum = _start(rows, logits.device)
+    u, local, here, _, u_y = _target(logits, targets, opts, vocab_start, vocab_start + V)
+    m, s, u_sum, c, s2, mb = _start(rows, logits.device)
     if tile_stats is not None:
         m, s, u_sum = merge_tiles(tile_stats, m, s, u_sum)
     else:
-        m, s, u_sum = row_stats(u, m, s, u_sum)
-    stats.copy_(torch.stack([m, torch.log(s), u_sum, torch.where(here, u_y, 0.0)], dim=1))
+        m, s, u_sum, c, s2, mb = row_stats(u, local, m, s, u_sum, c, s2, mb, stats.shape[1] == 7)
+    columns = [m, torch.log(s), u_sum, torch.where(here, u_y, 0.0)] + ([c, s2, mb] if stats.shape[1] == 7 else [])
+    stats.copy_(torch.stack(columns, dim=1))
 
 
 def online_softmax(logits, targets, running, alpha, opts: Options, *, vocab_start, vocab_total, write_p):
@@ -171,7 +248,7 @@ def online_softmax(logits, targets, running, alpha, opts: Options, *, vocab_star
         return
     u, local, here, counts, u_y = _target(logits, targets, opts, vocab_start, vocab_total)
     m_old, s, u_sum, u_y_sum = running.clone().unbind(1)
-    m, s, u_sum = row_stats(u, m_old, s, u_sum)
+    m, s, u_sum, *_ = row_stats(u, local, m_old, s, u_sum, None, None, None, False)
     running.copy_(torch.stack([m, s, u_sum, u_y_sum + torch.where(here, u_y, 0.0)], dim=1))
     alpha.copy_(torch.exp(m_old - m))
     if write_p:

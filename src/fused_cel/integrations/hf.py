@@ -63,6 +63,8 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, verify: bool =
     per_call = {"shift", "num_items", "ignore_index"} & loss_options.keys()
     if per_call:
         raise TypeError(f"{sorted(per_call)} come from each forward call (labels, shift_labels, num_items_in_batch)")
+    if loss_options.get("return_token_stats"):
+        raise TypeError("return_token_stats does not apply to a patched model (its loss_function returns the loss)")
     options = {**_model_logit_options(model), **loss_options}
     check_keywords(options)
 

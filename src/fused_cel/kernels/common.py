@@ -50,17 +50,31 @@ def merge(m, s, block_m, block_s):
 
 
 @triton.jit
-def row_stats(row_ptr, V, m, s, u_sum, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Running statistics (max, sum of exp, sum) of a row's transformed logits continued over
-    its V columns, BLOCK_V at a time."""
+def row_stats(row_ptr, V, local, m, s, u_sum, c, s2, mb, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr,
+              STATS: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """Running statistics of a row's transformed logits u continued over its V columns, BLOCK_V at
+    a time: max m, s = sum of exp(u - m), the sum of u, and with STATS the token statistics'
+    sums: c = sum of exp(u - m) (u - m), s2 = sum of exp(2 (u - m)), and mb = the max of the
+    columns before the target's (``local``: the target's column, which may lie outside)."""
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.where(mask, transform(z, logit_scale, softcap, HAS_SOFTCAP), float("-inf"))
-        m, s = merge(m, s, u, 1.0)
+        if STATS:
+            m_new = tl.maximum(m, tl.max(u, axis=0))
+            a = tl.exp(m - m_new)
+            e = tl.exp(u - m_new)
+            shift = tl.where(m == float("-inf"), 0.0, m - m_new)  # -inf * 0 would be NaN
+            c = (c + shift * s) * a + tl.sum(e * tl.where(mask, u - m_new, 0.0), axis=0)
+            s2 = s2 * a * a + tl.sum(e * e, axis=0)
+            mb = tl.maximum(mb, tl.max(tl.where(cols < local, u, float("-inf")), axis=0))
+            s = s * a + tl.sum(e, axis=0)
+            m = m_new
+        else:
+            m, s = merge(m, s, u, 1.0)
         u_sum += tl.sum(tl.where(mask, u, 0.0), axis=0)
-    return m, s, u_sum
+    return m, s, u_sum, c, s2, mb
 
 
 @triton.jit
@@ -79,18 +93,32 @@ def merge_tiles(at, n_tiles, plane, m, s, u_sum, TILE_SUM: tl.constexpr, BLOCK_T
 
 
 @triton.jit
-def stats_of_row(row_ptr, V, tile_ptr, row, n_tiles, plane, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr,
-                 TILE_STATS: tl.constexpr, TILE_SUM: tl.constexpr, BLOCK_T: tl.constexpr,
+def stats_of_row(row_ptr, V, local, tile_ptr, row, n_tiles, plane, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr,
+                 TILE_STATS: tl.constexpr, TILE_SUM: tl.constexpr, BLOCK_T: tl.constexpr, STATS: tl.constexpr,
                  BLOCK_V: tl.constexpr):  # fmt: skip
-    """(max, sum of exp, sum) of a row's transformed logits: read, or merged from the tiles."""
+    """row_stats from scratch: the row read, or (not with STATS) merged from the tiles."""
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     u_sum = tl.zeros((), tl.float32)
+    c = tl.zeros((), tl.float32)
+    s2 = tl.zeros((), tl.float32)
+    mb = tl.full((), float("-inf"), tl.float32)
     if TILE_STATS:
         m, s, u_sum = merge_tiles(tile_ptr + row * n_tiles, n_tiles, plane, m, s, u_sum, TILE_SUM, BLOCK_T)
     else:
-        m, s, u_sum = row_stats(row_ptr, V, m, s, u_sum, logit_scale, softcap, HAS_SOFTCAP, BLOCK_V)
-    return m, s, u_sum
+        m, s, u_sum, c, s2, mb = row_stats(row_ptr, V, local, m, s, u_sum, c, s2, mb, logit_scale, softcap,
+                                           HAS_SOFTCAP, STATS, BLOCK_V)  # fmt: skip
+    return m, s, u_sum, c, s2, mb
+
+
+@triton.jit
+def token_stats(m, s, log_s, u_sum, c, s2, mb, u_y, vocab_total):
+    """(entropy, whether the target is the first argmax, mean logit, log sum p**2) of a token
+    from its row's statistics. The entropy is lse - E_p[u] = log s - c / s: no cancellation
+    when one class takes nearly all the mass."""
+    entropy = log_s - c / s
+    top1 = (u_y >= m) & (u_y > mb)
+    return entropy, top1, u_sum / vocab_total, tl.log(s2) - 2.0 * log_s
 
 
 @triton.jit
@@ -129,9 +157,11 @@ def softcap_grad(u, inv_cap):
 
 @triton.jit
 def write_grad(row_ptr, V, local, m, log_s, p_coef, coef, label_smoothing, vocab_total, logit_scale, softcap,
-               HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
-    """Overwrite a row, in place and in its own dtype, with coef * dloss/du * du/dz; the target
-    column (``local``, if in the row) is written 0: its gradient leaves as one fp32 number."""
+               ent_coef, mean_u, HAS_SOFTCAP: tl.constexpr, ENT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+               ROUND_BF16: tl.constexpr):  # fmt: skip
+    """Overwrite a row, in place and in its own dtype, with coef * dloss/du * du/dz (plus, with
+    ENT_GRAD, ent_coef * dH/du * du/dz, H the entropy); the target column (``local``, if in the
+    row) is written 0: its gradient leaves as one fp32 number."""
     if HAS_SOFTCAP:
         inv_cap = 1.0 / softcap  # one division per row, not per element
     for start in range(0, V, BLOCK_V):
@@ -142,11 +172,23 @@ def write_grad(row_ptr, V, local, m, log_s, p_coef, coef, label_smoothing, vocab
         d = softmax_grad(u, m, log_s, p_coef, label_smoothing, vocab_total)
         d = tl.where(cols == local, 0.0, d)
         if HAS_SOFTCAP:
-            d = d * softcap_grad(u, inv_cap)
+            g = softcap_grad(u, inv_cap)
+            d = d * g
         d = d * coef
+        if ENT_GRAD:
+            h = tl.where(cols == local, 0.0, ent_coef * entropy_grad(u, m, log_s, mean_u))
+            if HAS_SOFTCAP:
+                h = h * g
+            d = d + h
         if ROUND_BF16:
             d = round_bf16(d)
         tl.store(row_ptr + cols, d.to(row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def entropy_grad(u, m, log_s, mean_u):
+    """dH/du of the entropy H = lse - E_p[u]: -p (u - E_p[u])."""
+    return -tl.exp((u - m) - log_s) * (u - mean_u)
 
 
 @triton.jit

@@ -26,6 +26,7 @@ from . import common
         **common.HAS_SOFTCAP,
         **common.TILES,
         "WRITE_GRAD": lambda a: a["target_grad_ptr"] is not None,  # pass 2
+        "STATS": lambda a: a["entropy_ptr"] is not None,  # the token statistics
         **common.ROUND_BF16,
     }
 )
@@ -39,6 +40,8 @@ def _cross_entropy_kernel(
     scale_ptr,  # *fp32 [1 or rows]: each token's gradient multiplier (if WRITE_GRAD)
     scale_stride,  # 0: one multiplier for all tokens, 1: one per token
     target_grad_ptr,  # *fp32 [rows]: out, each token's gradient at its target; None: no pass 2
+    entropy_ptr,  # *fp32 [rows]: out, each token's entropy (0 where ignored); None: no statistics
+    extras_ptr,  # *fp32 [rows, 3]: out: target is the first argmax (1/0), mean u, log sum p**2 (0 where ignored)
     tile_ptr,  # *fp32 [2 or 3, rows, n_tiles]: the matmul's per-tile statistics; None: read the row
     n_tiles,  # column tiles of tile_ptr
     tile_plane,  # rows * n_tiles
@@ -53,6 +56,7 @@ def _cross_entropy_kernel(
     TILE_SUM: tl.constexpr,
     BLOCK_T: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    STATS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK_V: tl.constexpr,  # columns per step
 ):
@@ -61,14 +65,21 @@ def _cross_entropy_kernel(
     target = tl.load(targets_ptr + row).to(tl.int64)
     _, valid, u_y = common.target_logit(row_ptr, target, 0, V, logit_scale, softcap, HAS_SOFTCAP)
     ignored = target == ignore_index
-    m, s, u_sum = common.stats_of_row(row_ptr, V, tile_ptr, row, n_tiles, tile_plane, logit_scale, softcap,
-                                      HAS_SOFTCAP, TILE_STATS, TILE_SUM, BLOCK_T, BLOCK_V)  # fmt: skip
+    m, s, u_sum, c, s2, mb = common.stats_of_row(row_ptr, V, target, tile_ptr, row, n_tiles, tile_plane, logit_scale,
+                                                 softcap, HAS_SOFTCAP, TILE_STATS, TILE_SUM, BLOCK_T, STATS,
+                                                 BLOCK_V)  # fmt: skip
     log_s = tl.log(s)
     lse = m + log_s
     loss = common.token_loss(m, log_s, u_sum, u_y, V, label_smoothing, z_loss)
     loss = tl.where(valid, loss, float("nan"))
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
     tl.store(lse_ptr + row, lse)
+    if STATS:
+        entropy, top1, mean_u, log_sum_sq = common.token_stats(m, s, log_s, u_sum, c, s2, mb, u_y, V)
+        tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))
+        tl.store(extras_ptr + row * 3, tl.where(valid & (target != ignore_index) & top1, 1.0, 0.0))
+        tl.store(extras_ptr + row * 3 + 1, tl.where(ignored, 0.0, mean_u))
+        tl.store(extras_ptr + row * 3 + 2, tl.where(ignored, 0.0, log_sum_sq))
 
     if WRITE_GRAD:
         coef = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * logit_scale
@@ -78,17 +89,21 @@ def _cross_entropy_kernel(
             g_y = g_y * common.softcap_grad(u_y, 1.0 / softcap)
         tl.store(target_grad_ptr + row, tl.where(valid, g_y * coef, 0.0))
         common.write_grad(row_ptr, V, target, m, log_s, 1.0 + 2.0 * z_loss * lse, coef, label_smoothing, V,
-                          logit_scale, softcap, HAS_SOFTCAP, BLOCK_V, ROUND_BF16)  # fmt: skip
+                          logit_scale, softcap, 0.0, 0.0, HAS_SOFTCAP, False, BLOCK_V, ROUND_BF16)  # fmt: skip
 
 
-def cross_entropy(logits, targets, loss, lse, opts, *, scale=None, target_grad=None, tile_stats=None) -> None:
+def cross_entropy(
+    logits, targets, loss, lse, opts, *, scale=None, target_grad=None, tile_stats=None, entropy=None, extras=None
+) -> None:
     """Loss and lse ([rows] fp32, written) of each row of ``logits`` [rows, V] (unit column
     stride); with ``target_grad`` ([rows] fp32) also the gradient, times ``scale`` (fp32, one
     element or rows): the row is overwritten with it, except the target column (0), and
     target_grad receives the gradient at the target, so that
         d(loss)/d(logits) = logits as written + target_grad[:, None] * onehot(targets).
     ``tile_stats`` ([2 or 3, rows, tiles] fp32, from kernels.logits): pass 1 merges them
-    instead of reading the row."""
+    instead of reading the row. ``entropy`` ([rows] fp32) and ``extras`` ([rows, 3] fp32): each
+    token's entropy, and whether its target is the first argmax (1 or 0), its mean logit and
+    log sum p**2, all 0 where ignored (not with tile_stats)."""
     common.launch_rows(
         _cross_entropy_kernel,
         logits,
@@ -98,6 +113,8 @@ def cross_entropy(logits, targets, loss, lse, opts, *, scale=None, target_grad=N
         scale,
         0 if scale is None or scale.numel() == 1 else 1,
         target_grad,
+        entropy,
+        extras,
         *common.tile_args(tile_stats),
         logits.shape[1],
         opts.ignore_index,

@@ -15,7 +15,7 @@ import triton.language as tl
 from . import common
 
 
-@triton.heuristics({**common.HAS_SOFTCAP, **common.ROUND_BF16})
+@triton.heuristics({**common.HAS_SOFTCAP, "ENT_GRAD": lambda a: a["ent_scale_ptr"] is not None, **common.ROUND_BF16})
 @triton.jit
 def _gradient_kernel(
     logits_ptr,  # *T [rows, V]: overwritten by the gradient
@@ -25,6 +25,8 @@ def _gradient_kernel(
     scale_ptr,  # *fp32 [1 or rows]
     scale_stride,  # 0 or 1
     target_grad_ptr,  # *fp32 [rows]: out, the gradient at the target (0 if not in these columns)
+    ent_scale_ptr,  # *fp32 [rows]: each token's multiplier of its entropy's gradient; None: none
+    entropy_ptr,  # *fp32 [rows]: each token's entropy (read with ent_scale_ptr)
     V,  # columns of this block or shard
     vocab_start,  # global id of column 0
     vocab_total,  # the whole vocabulary
@@ -34,6 +36,7 @@ def _gradient_kernel(
     softcap,  # None: no softcap
     logit_scale,
     HAS_SOFTCAP: tl.constexpr,
+    ENT_GRAD: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -43,21 +46,30 @@ def _gradient_kernel(
     local, here, u_y = common.target_logit(row_ptr, target, vocab_start, V, logit_scale, softcap, HAS_SOFTCAP)
     valid = (target >= 0) & (target < vocab_total)
     lse = tl.load(lse_ptr + row)
-    coef = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * logit_scale
-    coef = tl.where(valid & (target != ignore_index), coef, 0.0)
-    g_y = common.grad_at_target(u_y, lse, 0.0, lse, vocab_total, label_smoothing, z_loss)
+    counts = valid & (target != ignore_index)
+    coef = tl.where(counts, tl.load(scale_ptr + row * scale_stride).to(tl.float32) * logit_scale, 0.0)
+    g_y = common.grad_at_target(u_y, lse, 0.0, lse, vocab_total, label_smoothing, z_loss) * coef
+    ent_coef = 0.0
+    mean_u = 0.0
+    if ENT_GRAD:  # H = lse - E_p[u]
+        ent_coef = tl.where(counts, tl.load(ent_scale_ptr + row) * logit_scale, 0.0)
+        mean_u = lse - tl.load(entropy_ptr + row)
+        g_y += ent_coef * common.entropy_grad(u_y, lse, 0.0, mean_u)
     if HAS_SOFTCAP:
         g_y = g_y * common.softcap_grad(u_y, 1.0 / softcap)
-    tl.store(target_grad_ptr + row, tl.where(here, g_y * coef, 0.0))
+    tl.store(target_grad_ptr + row, tl.where(here, g_y, 0.0))
     common.write_grad(row_ptr, V, local, lse, 0.0, 1.0 + 2.0 * z_loss * lse, coef, label_smoothing, vocab_total,
-                      logit_scale, softcap, HAS_SOFTCAP, BLOCK_V, ROUND_BF16)  # fmt: skip
+                      logit_scale, softcap, ent_coef, mean_u, HAS_SOFTCAP, ENT_GRAD, BLOCK_V, ROUND_BF16)  # fmt: skip
 
 
-def gradient(logits, targets, lse, scale, target_grad, opts, *, vocab_start=0, vocab_total=None) -> None:
+def gradient(
+    logits, targets, lse, scale, target_grad, opts, *, vocab_start=0, vocab_total=None, ent_scale=None, entropy=None
+) -> None:
     """Overwrite ``logits`` [rows, V] with the gradient, times ``scale``, given each token's lse;
     target_grad [rows] receives the gradient at each target (see kernels.cross_entropy). The
     columns are global ids vocab_start .. vocab_start + V - 1 of a vocabulary of vocab_total
-    (default V)."""
+    (default V). With ``ent_scale`` ([rows] fp32) and ``entropy`` ([rows], each token's): plus
+    ent_scale times the entropy's gradient."""
     common.launch_rows(
         _gradient_kernel,
         logits,
@@ -66,6 +78,8 @@ def gradient(logits, targets, lse, scale, target_grad, opts, *, vocab_start=0, v
         scale,
         0 if scale.numel() == 1 else 1,
         target_grad,
+        ent_scale,
+        entropy,
         logits.shape[1],
         vocab_start,
         logits.shape[1] if vocab_total is None else vocab_total,

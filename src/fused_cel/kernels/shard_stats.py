@@ -2,8 +2,8 @@
 
 Rank r of a vocab-parallel group holds columns vocab_start .. vocab_start + V - 1; per token it
 writes (max m_r, log sum exp(u - m_r), sum of u, the target's u or 0), which fused_cel.parallel
-combines over the ranks into the loss and lse. Read from the row, or (TILE_STATS) merged from the
-per-tile statistics the logits matmul wrote.
+combines over the ranks into the loss and lse (with the token statistics, three sums more). Read
+from the row, or (TILE_STATS) merged from the per-tile statistics the logits matmul wrote.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ import triton.language as tl
 from . import common
 
 
-@triton.heuristics({**common.HAS_SOFTCAP, **common.TILES})
+@triton.heuristics({**common.HAS_SOFTCAP, **common.TILES, "STATS": lambda a: a["width"] == 7})
 @triton.jit
 def _shard_stats_kernel(
     logits_ptr,  # *T [rows, V]: read only
     logits_stride,
     targets_ptr,  # *int32|int64 [rows]: global ids
-    stats_ptr,  # *fp32 [rows, 4]: out
+    stats_ptr,  # *fp32 [rows, width]: out
+    width,  # 4, or 7 with the token statistics' sums
     tile_ptr,  # *fp32 [2 or 3, rows, n_tiles] or None
     n_tiles,
     tile_plane,
@@ -32,28 +33,38 @@ def _shard_stats_kernel(
     TILE_STATS: tl.constexpr,
     TILE_SUM: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    STATS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_stride
     target = tl.load(targets_ptr + row).to(tl.int64)
     _, here, u_y = common.target_logit(row_ptr, target, vocab_start, V, logit_scale, softcap, HAS_SOFTCAP)
-    m, s, u_sum = common.stats_of_row(row_ptr, V, tile_ptr, row, n_tiles, tile_plane, logit_scale, softcap,
-                                      HAS_SOFTCAP, TILE_STATS, TILE_SUM, BLOCK_T, BLOCK_V)  # fmt: skip
-    tl.store(stats_ptr + row * 4, m)
-    tl.store(stats_ptr + row * 4 + 1, tl.log(s))
-    tl.store(stats_ptr + row * 4 + 2, u_sum)
-    tl.store(stats_ptr + row * 4 + 3, tl.where(here, u_y, 0.0))
+    m, s, u_sum, c, s2, mb = common.stats_of_row(row_ptr, V, target - vocab_start, tile_ptr, row, n_tiles, tile_plane,
+                                                 logit_scale, softcap, HAS_SOFTCAP, TILE_STATS, TILE_SUM, BLOCK_T,
+                                                 STATS, BLOCK_V)  # fmt: skip
+    at = stats_ptr + row * width
+    tl.store(at, m)
+    tl.store(at + 1, tl.log(s))
+    tl.store(at + 2, u_sum)
+    tl.store(at + 3, tl.where(here, u_y, 0.0))
+    if STATS:
+        tl.store(at + 4, c)
+        tl.store(at + 5, s2)
+        tl.store(at + 6, mb)
 
 
 def shard_stats(logits, targets, stats, opts, *, vocab_start, tile_stats=None) -> None:
-    """stats [rows, 4] fp32 <- (max, log-sum-exp - max, sum, target logit or 0) of each row's
-    transformed logits over this shard's columns (global ids vocab_start ..)."""
+    """stats [rows, 4] fp32 <- (max m, log sum exp(u - m), sum, target logit or 0) of each row's
+    transformed logits over this shard's columns (global ids vocab_start ..); [rows, 7]: also the
+    token statistics' sums (common.row_stats: c, s2, and the max of the columns before the
+    target's), not with tile_stats."""
     common.launch_rows(
         _shard_stats_kernel,
         logits,
         targets,
         stats,
+        stats.shape[1],
         *common.tile_args(tile_stats),
         logits.shape[1],
         vocab_start,
