@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import importlib.metadata
 import importlib.util
 import statistics
 import sys
@@ -129,7 +130,7 @@ def main(argv=None):
     trl = load_trl_kernel()
     rows = []
     versions = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__)
-    versions["trl"] = importlib.util.find_spec("trl") and __import__("importlib.metadata").metadata.version("trl")
+    versions["trl"] = importlib.metadata.version("trl") if trl is not None else None
     for head, (D, V, softcap) in HEADS.items():
         gen = torch.Generator(device="cuda").manual_seed(0)
         x = (torch.randn(args.tokens, D, device="cuda", generator=gen)).bfloat16().requires_grad_()
