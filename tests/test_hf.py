@@ -2,6 +2,7 @@
 downloads): loss and every parameter's gradient equal to the stock model's."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -101,6 +102,30 @@ def test_return_dict_false_and_eval_and_unpatch():
     fused_cel.unpatch(patched).train()
     assert patched(input_ids=ids, labels=labels).logits.shape == (2, 12, 300)
     assert "forward" not in patched.__dict__ and "_loss_function" not in patched.__dict__
+
+
+def test_deepcopy_of_a_patched_model_has_its_own_patch():
+    """A deep copy computes its own loss (the wrappers close over their model: copied as they are,
+    the copy would silently compute the original's loss); both can be unpatched."""
+    stock = tiny_model("llama")
+    patched = fused_cel.patch(copy.deepcopy(stock))
+    copied, stock_copy = copy.deepcopy(patched), copy.deepcopy(stock)
+    with torch.no_grad():  # make the copies differ from the originals
+        for model in (copied, stock_copy):
+            model.lm_head.weight.mul_(3.0)
+    ids, labels = batch()
+    compare(stock_copy, copied, input_ids=ids, labels=labels)
+    compare(stock, patched, input_ids=ids, labels=labels)
+    for model in (copied, patched):
+        fused_cel.unpatch(model)
+        assert "forward" not in model.__dict__ and "__deepcopy__" not in model.__dict__
+
+
+def test_patched_forward_keeps_the_stock_signature():
+    """Trainer keeps the batch keys the forward's signature names (remove_unused_columns)."""
+    stock = tiny_model("llama")
+    patched = fused_cel.patch(copy.deepcopy(stock))
+    assert inspect.signature(patched.forward) == inspect.signature(stock.forward)
 
 
 def test_return_logits_option():

@@ -114,8 +114,26 @@ def assert_same_training(losses, stock_losses, model, stock_model, init):
         assert diff <= PARAM_RTOL * moved, f"{name}: patched - stock = {diff:.2e}, {diff / moved:.2e} of its move"
 
 
-def test_trainer_training_run_matches_stock(tmp_path, fused_calls):
-    """8 optimizer steps of 2 accumulated micro-batches, uneven counted tokens per sequence."""
+class MapDataset(torch.utils.data.Dataset):
+    """A map-style dataset of {"input_ids", "labels"} dicts, as a new user writes one."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+@pytest.mark.parametrize(
+    "dataset, remove_unused_columns", [("list", False), ("map-style", True)], ids=["list-keep", "map-style-default"]
+)
+def test_trainer_training_run_matches_stock(tmp_path, fused_calls, dataset, remove_unused_columns):
+    """8 optimizer steps of 2 accumulated micro-batches, uneven counted tokens per sequence. With
+    Trainer's default remove_unused_columns=True it keeps the batch keys the model's forward
+    signature names, so the patched forward must keep the stock signature."""
     steps = 8
     data = []
     for i, ids in enumerate(byte_windows([32] * 16)):
@@ -123,13 +141,17 @@ def test_trainer_training_run_matches_stock(tmp_path, fused_calls):
         labels[: i % 5] = -100
         labels[32 - 4 * (i % 3) :] = -100  # 0, 4 or 8 ignored at the end too
         data.append({"input_ids": ids, "labels": labels})
+    if dataset == "map-style":
+        data = MapDataset(data)
     init = tiny_llama()
     runs = {}
     for name in ("stock", "patched"):
         model = copy.deepcopy(init)
         if name == "patched":
             fused_cel.patch(model, **PATCH)
-        args = run_args(transformers.TrainingArguments, tmp_path / name, steps, remove_unused_columns=False)
+        args = run_args(
+            transformers.TrainingArguments, tmp_path / name, steps, remove_unused_columns=remove_unused_columns
+        )
         before = len(fused_calls)
         losses = train(transformers.Trainer(model=model, args=args, train_dataset=data))
         runs[name] = losses, model, len(fused_calls) - before

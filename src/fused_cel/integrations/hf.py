@@ -20,7 +20,9 @@ exactly so, and refuses the model with a clear error if it does not.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import inspect
 
 import torch
@@ -34,6 +36,7 @@ _ATTR = "_fused_cel_patch"
 @dataclasses.dataclass
 class _PatchState:
     options: dict  # keyword options of linear_cross_entropy
+    loss_options: dict  # those patch() was given (a deep copy of the model is patched with them)
     return_logits: bool
     head: torch.nn.Module
     stock_forward: object  # the model's forward before the patch
@@ -68,10 +71,11 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, verify: bool =
     options = {**_model_logit_options(model), **loss_options}
     check_keywords(options)
 
-    state = _PatchState(options=options, return_logits=return_logits, head=head, stock_forward=model.forward)
+    state = _PatchState(options, dict(loss_options), return_logits, head, stock_forward=model.forward)
     _replace(state, head, "forward", _head_forward(state, head.forward))
     _replace(state, model, "forward", _model_forward(state, model))
     _replace(state, model, "_loss_function", _loss_function(state, model.loss_function))
+    _replace(state, model, "__deepcopy__", _deepcopy(state, model))
     setattr(model, _ATTR, state)
     if verify:
         try:
@@ -91,13 +95,37 @@ def unpatch(model: torch.nn.Module):
     for (obj, name), value in state.saved.items():
         if obj.__dict__.get(name) is not state.installed[obj, name]:
             continue  # replaced again after the patch (TRL's SFTTrainer sets its own forward): left as is
-        if value is _MISSING:
-            delattr(obj, name)
-        else:
-            setattr(obj, name, value)
+        _put(obj, name, value)
     state.active = False
     delattr(model, _ATTR)
     return outer
+
+
+def _put(obj, name, value):
+    if value is _MISSING:
+        delattr(obj, name)
+    else:
+        setattr(obj, name, value)
+
+
+def _deepcopy(state, model):
+    """The patched model's __deepcopy__: the copy gets a patch of its own. The wrappers close over
+    this model, so copying them would leave the copy computing this model's loss."""
+
+    def __deepcopy__(memo):
+        ours = [(obj, name, fn) for (obj, name), fn in state.installed.items() if obj.__dict__.get(name) is fn]
+        for obj, name, _ in ours:  # the stock attributes while the copy is made
+            _put(obj, name, state.saved[obj, name])
+        delattr(model, _ATTR)
+        try:
+            copied = copy.deepcopy(model, memo)
+        finally:
+            for obj, name, fn in ours:
+                setattr(obj, name, fn)
+            setattr(model, _ATTR, state)
+        return patch(copied, return_logits=state.return_logits, verify=False, **state.loss_options)
+
+    return __deepcopy__
 
 
 def _transformers_model(model):
@@ -184,6 +212,9 @@ def _model_forward(state, model):
     stock_forward = state.stock_forward
     signature = inspect.signature(stock_forward)
 
+    # The stock signature, name and docstring: Trainer keeps only the batch keys the forward's
+    # signature names (remove_unused_columns=True), and other tools read it too.
+    @functools.wraps(stock_forward)
     def forward(*args, **kwargs):
         labels = signature.bind_partial(*args, **kwargs).arguments.get("labels")
         shift_labels = kwargs.get("shift_labels")
