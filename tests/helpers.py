@@ -26,6 +26,7 @@ LOSS_OPTS = (
     "temperature",
     "shift",
     "num_items",
+    "class_weight",
 )
 LOW = 0.05  # MiB: below the default plan's fp32 accumulators at N=128, D=40, V=300
 

@@ -27,6 +27,7 @@ CASES = {
     "options": OPTIONS,
     "none_options": {**OPTIONS, "reduction": "none"},
     "num_items_tensor": {"num_items": torch.tensor(41, device=DEVICE), "shift": True},
+    "class_weight": {"class_weight": torch.linspace(0.0, 2.0, 300, device=DEVICE), "label_smoothing": 0.1},
     "low_memory": {"memory_budget_mib": LOW},
     "low_memory_none": {"memory_budget_mib": LOW, "reduction": "none", "shift": True},
 }
@@ -252,7 +253,7 @@ def op_args(reduction="mean", dtype=torch.float32, need=(True, True, True), budg
         compute_dtype=dtype,
         token_stats=stats,
     )
-    return (hidden, weight, bias, targets, divisor, *op.flatten(opts, need))
+    return (hidden, weight, bias, targets, divisor, None, *op.flatten(opts, need))
 
 
 # Where the op returns gradients already in their parameters' dtype (fp32 parameters, the
@@ -285,10 +286,10 @@ def test_opcheck_forward(case):
 @pytest.mark.parametrize("entropy", [False, True], ids=["loss", "loss+entropy"])
 @pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, True)], ids=str)
 def test_opcheck_backward(need, entropy):
-    hidden, weight, bias, targets, _, *options = op_args("none", need=need, stats=entropy)
+    hidden, weight, bias, targets, _, _, *options = op_args("none", need=need, stats=entropy)
     logits = hidden.detach() @ weight.detach().T + bias.detach()
     lse = torch.logsumexp(logits, dim=-1)
     grad = torch.randn(hidden.shape[0], device=DEVICE)
     ent = (grad, -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)) if entropy else (None, None)
-    args = (grad, ent[0], hidden.detach(), weight.detach(), bias.detach(), targets, lse, ent[1], *options)
+    args = (grad, ent[0], hidden.detach(), weight.detach(), bias.detach(), targets, lse, ent[1], None, *options)
     torch.library.opcheck(op.backward_op, args)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fused_cel import FusedLinearCrossEntropyLoss, api, backends, linear_cross_entropy
-from helpers import BACKENDS, make_inputs
+from helpers import BACKENDS, DEVICE, make_inputs
 
 V, D = 50, 16
 
@@ -263,6 +263,27 @@ def test_label_out_of_range(backend, bad, kwargs, match):
         linear_cross_entropy(hidden, weight, labels, backend=backend, **kwargs)
     with pytest.raises(ValueError, match=match):  # int32 labels too
         linear_cross_entropy(hidden, weight, labels.int(), backend=backend, **kwargs)
+
+
+CLASS_WEIGHT_CASES = [
+    (lambda w: w.tolist(), TypeError, r"class_weight must be a torch\.Tensor or None, got list"),
+    (lambda w: w.long(), TypeError, r"class_weight must be a floating-point tensor, got torch\.int64"),
+    (lambda w: w[:-1], ValueError, r"class_weight must be \[V\] = \[50\], got shape \(49,\)"),
+    (lambda w: w[None], ValueError, r"class_weight must be \[V\] = \[50\], got shape \(1, 50\)"),
+    (lambda w: w.to("meta"), ValueError, r"all tensors must be on one device, got class_weight: meta"),
+    (lambda w: w.index_fill(0, torch.tensor([3], device=w.device), -1.0), ValueError,
+     r"class_weight must be finite and >= 0, got -1\.0 at index 3"),
+    (lambda w: w.index_fill(0, torch.tensor([7], device=w.device), float("nan")), ValueError,
+     r"class_weight must be finite and >= 0, got nan at index 7"),
+    (lambda w: w.index_fill(0, torch.tensor([0], device=w.device), float("inf")), ValueError,
+     r"class_weight must be finite and >= 0, got inf at index 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make, exc, match", CLASS_WEIGHT_CASES)
+def test_bad_class_weight(make, exc, match):
+    with pytest.raises(exc, match=match):
+        linear_cross_entropy(*small_inputs(), class_weight=make(torch.ones(V, device=DEVICE)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -45,6 +45,38 @@ def test_options(backend, dtype, opts):
     run_case(inputs, dtype, backend, opts, chunk_size=16)
 
 
+CLASS_WEIGHT_SETS = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none", "shift": True},
+    {"label_smoothing": 0.1},
+    {"label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 4.0, "temperature": 0.8, "reduction": "sum"},
+    {"num_items": 23, "ignore_index": 0},
+]
+
+
+@pytest.mark.parametrize("opts", CLASS_WEIGHT_SETS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "mean")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_weight(backend, dtype, opts):
+    """class_weight as F.cross_entropy's weight= (the z-loss weighed by the label's too; "mean"
+    over the counted tokens' weights), some classes weighing 0."""
+    inputs = make_inputs((4, 32), 40, 300, ignore_index=opts.get("ignore_index", -100))
+    class_weight = torch.rand(300, device=DEVICE) * 2
+    class_weight[::7] = 0.0
+    run_case(inputs, dtype, backend, {**opts, "class_weight": class_weight}, chunk_size=16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_weight_all_zero_is_zero(backend):
+    """The counted tokens' weights summing to 0: loss 0 and zero gradients (not 0/0)."""
+    hidden, weight, bias, labels = make_inputs((2, 9), 24, 50)
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy(x, w, labels, class_weight=torch.zeros(50, device=DEVICE), backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and not x.grad.any() and not w.grad.any()
+
+
 SHAPES = [((1,), 24, 300), ((37,), 40, 300), ((2, 19), 24, 5000), ((3, 5, 7), 40, 257), ((37,), 17, 4097)]
 
 

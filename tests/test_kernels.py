@@ -7,6 +7,11 @@ Runs on CUDA, or on the CPU through Triton's interpreter. Outputs are poisoned w
 so anything a kernel leaves unwritten fails the comparison.
 """
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -161,26 +166,31 @@ def test_invalid_label_gives_nan_not_a_read():
 @triton.heuristics({"HAS_SOFTCAP": lambda a: a["softcap"] is not None})
 @triton.jit
 def _helpers_kernel(in_ptr, out_ptr, n, vocab_total, label_smoothing, z_loss, logit_scale, softcap,
-                    HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                    HAS_SOFTCAP: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     offs = tl.arange(0, BLOCK)
     mask = offs < n
-    z = tl.load(in_ptr + offs, mask=mask)
+    z = tl.load(in_ptr + offs, mask=mask)  # (no generator expressions: the GPU compiler has none)
     m = tl.load(in_ptr + n + offs, mask=mask)
     log_s = tl.load(in_ptr + 2 * n + offs, mask=mask)
     u_sum = tl.load(in_ptr + 3 * n + offs, mask=mask)
     u_y = tl.load(in_ptr + 4 * n + offs, mask=mask)
+    w_y = tl.load(in_ptr + 5 * n + offs, mask=mask)
+    w_total = tl.load(in_ptr + 6 * n + offs, mask=mask)
+    w = tl.load(in_ptr + 7 * n + offs, mask=mask)
     u = common.transform(z, logit_scale, softcap, HAS_SOFTCAP)
     lse = m + log_s
+    a = common.p_coef(lse, vocab_total, label_smoothing, z_loss, w_y, w_total, WEIGHTED)
+    loss = common.token_loss(m, log_s, u_sum, u_y, vocab_total, label_smoothing, z_loss, w_y, w_total, WEIGHTED)
+    g_y = common.grad_at_target(u_y, m, log_s, lse, vocab_total, label_smoothing, z_loss, w_y, w_total, WEIGHTED)
     tl.store(out_ptr + offs, u, mask=mask)
-    tl.store(
-        out_ptr + n + offs, common.token_loss(m, log_s, u_sum, u_y, vocab_total, label_smoothing, z_loss), mask=mask
-    )
-    g_y = common.grad_at_target(u_y, m, log_s, lse, vocab_total, label_smoothing, z_loss)
+    tl.store(out_ptr + n + offs, loss, mask=mask)
     tl.store(out_ptr + 2 * n + offs, g_y, mask=mask)
-    d = common.softmax_grad(u, m, log_s, 1.0 + 2.0 * z_loss * lse, label_smoothing, vocab_total)
-    tl.store(out_ptr + 3 * n + offs, d, mask=mask)
-    if HAS_SOFTCAP:
-        tl.store(out_ptr + 4 * n + offs, common.softcap_grad(u, 1.0 / softcap), mask=mask)
+    tl.store(out_ptr + 3 * n + offs, a + 0.0 * u, mask=mask)
+    if WEIGHTED:
+        d = common.softmax_grad(u, m, log_s, a, label_smoothing, vocab_total, w)
+    else:
+        d = common.softmax_grad(u, m, log_s, a, label_smoothing, vocab_total, 1.0)
+    tl.store(out_ptr + 4 * n + offs, d, mask=mask)
     tl.store(out_ptr + 5 * n + offs, common.entropy_grad(u, m, log_s, u_y), mask=mask)
     # token_stats with log_s and u_sum standing in for s and c, z for s2 and u_y for mb
     entropy, top1, mean_u, log_sum_sq = common.token_stats(m, tl.exp(log_s), log_s, u_sum, u_sum, tl.exp(z), u_y,
@@ -189,6 +199,8 @@ def _helpers_kernel(in_ptr, out_ptr, n, vocab_total, label_smoothing, z_loss, lo
     tl.store(out_ptr + 7 * n + offs, tl.where(top1, 1.0, 0.0), mask=mask)
     tl.store(out_ptr + 8 * n + offs, mean_u, mask=mask)
     tl.store(out_ptr + 9 * n + offs, log_sum_sq, mask=mask)
+    if HAS_SOFTCAP:
+        tl.store(out_ptr + 10 * n + offs, common.softcap_grad(u, 1.0 / softcap), mask=mask)
 
 
 @triton.jit
@@ -202,36 +214,39 @@ def _merge_kernel(in_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + 1, s)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["", "class-weights"])
 @pytest.mark.parametrize("opts", OPTS, ids=OPT_IDS)
-def test_helpers_match_twins(opts):
+def test_helpers_match_twins(opts, weighted):
     n, V = 200, 5000
     z = torch.randn(n, device=DEVICE) * 8
     m = twin.transform(z, opts.logit_scale, opts.softcap) + torch.rand(n, device=DEVICE) * 3  # each "row's" max
     log_s = torch.rand(n, device=DEVICE) * 8
     u_sum = torch.randn(n, device=DEVICE) * 100
     u_y = m - torch.rand(n, device=DEVICE) * torch.logspace(-6, 1, n, device=DEVICE)  # confident ones too
-    out = nans(10 * n)
-    _helpers_kernel[(1,)](torch.stack([z, m, log_s, u_sum, u_y]), out, n, V, opts.label_smoothing, opts.z_loss,
-                          opts.logit_scale, opts.softcap, BLOCK=256)  # fmt: skip
+    w_y, w_total, w = torch.rand(n, device=DEVICE) * 2, torch.rand(n, device=DEVICE) * V, torch.rand(n, device=DEVICE)
+    out = nans(11 * n)
+    inputs = torch.stack([z, m, log_s, u_sum, u_y, w_y, w_total, w])
+    _helpers_kernel[(1,)](inputs, out, n, V, opts.label_smoothing, opts.z_loss, opts.logit_scale, opts.softcap,
+                          WEIGHTED=weighted, BLOCK=256)  # fmt: skip
     u = twin.transform(z, opts.logit_scale, opts.softcap)
     lse = m + log_s
-    want = [
-        u,
-        twin.token_loss(m, log_s, u_sum, u_y, V, opts.label_smoothing, opts.z_loss),
-        twin.grad_at_target(u_y, m, log_s, lse, V, opts.label_smoothing, opts.z_loss),
-        twin.softmax_grad(u, m, log_s, 1.0 + 2.0 * opts.z_loss * lse, opts.label_smoothing, V),
-    ]
-    want.append(twin.softcap_grad(u, 1.0 / opts.softcap) if opts.softcap is not None else None)
-    want.append(twin.entropy_grad(u, m, log_s, u_y))
-    entropy, top1, mean_u, log_sum_sq = twin.token_stats(m, log_s.exp(), log_s, u_sum, u_sum, z.exp(), u_y, u, V)
-    want += [entropy, top1.float(), mean_u, log_sum_sq]
-    names = ("transform", "token_loss", "grad_at_target", "softmax_grad", "softcap_grad", "entropy_grad")
-    names += ("entropy", "top1", "mean_logit", "log_sum_sq")
-    for name, got, w in zip(names, out.view(10, n), want):  # fmt: skip
-        if w is None:  # no softcap: not written
-            continue
+    weights = (w_y, w_total) if weighted else ()
+    a = twin.p_coef(lse, V, opts.label_smoothing, opts.z_loss, *weights)
+    want = {
+        "transform": u,
+        "token_loss": twin.token_loss(m, log_s, u_sum, u_y, V, opts.label_smoothing, opts.z_loss, *weights),
+        "grad_at_target": twin.grad_at_target(u_y, m, log_s, lse, V, opts.label_smoothing, opts.z_loss, *weights),
+        "p_coef": a * torch.ones_like(u),
+        "softmax_grad": twin.softmax_grad(u, m, log_s, a, opts.label_smoothing, V, w if weighted else 1.0),
+        "entropy_grad": twin.entropy_grad(u, m, log_s, u_y),
+    }
+    stats = twin.token_stats(m, log_s.exp(), log_s, u_sum, u_sum, z.exp(), u_y, u, V)
+    want.update(entropy=stats[0], top1=stats[1].float(), mean_logit=stats[2], log_sum_sq=stats[3])
+    if opts.softcap is not None:
+        want["softcap_grad"] = twin.softcap_grad(u, 1.0 / opts.softcap)
+    for (name, w_), got in zip(want.items(), out.view(11, n)):
         # GPUs' exp is approximate: a few ulp of its argument, as in the kernel-vs-twin tests above
-        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6, msg=lambda s, name=name: f"{name}: {s}")
+        torch.testing.assert_close(got, w_, rtol=1e-5, atol=1e-6, msg=lambda s, name=name: f"{name}: {s}")
 
 
 @pytest.mark.parametrize("start", ["empty", "running"])
@@ -302,3 +317,13 @@ def test_scale_rows():
     alpha = torch.tensor([0.5, 1.0, 2.0, 1.0, 0.0], device=DEVICE)
     got = scale.scale_rows_(x.clone(), alpha)
     torch.testing.assert_close(got, twin.scale_rows_(x.clone(), alpha), rtol=0, atol=0, equal_nan=True)
+
+
+def test_every_kernel_compiles_for_hopper():
+    """The real Triton compiler, down to an sm_90 cubin, for each kernel's main specializations
+    (tests/compile_kernels.py): the interpreter that runs the kernels here accepts Python it
+    rejects. No GPU needed; in a process of its own, without TRITON_INTERPRET."""
+    script = pathlib.Path(__file__).with_name("compile_kernels.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]

@@ -88,7 +88,7 @@ def test_plan_fits_its_budget_measured(case, monkeypatch):
     chosen = "sweep" if p.block_vocab else "rows" if p.low_memory else "round_dx" if p.round_dx else "default"
     assert chosen == kind, p
     with LiveBytes() as mem:
-        _, grads = op._forward(x, w, None, labels, torch.tensor(float(n), device=DEVICE), opts, need)
+        _, grads = op._forward(x, w, None, labels, torch.tensor(float(n), device=DEVICE), None, opts, need)
     returned = sum(g.nbytes for g, t in zip(grads, (x, w)) if g is not None and g.dtype == t.dtype)
     assert mem.peak - returned <= budget * MIB, (mem.peak - returned) / MIB
 
@@ -111,6 +111,7 @@ LOW_OPTIONS = [
     {"reduction": "none", "shift": True},
     {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0, "logit_scale": 1.5, "shift": True},
     {"num_items": 41, "ignore_index": 0},
+    {"class_weight": torch.linspace(0.0, 2.0, 300, device=DEVICE), "label_smoothing": 0.1},
 ]
 
 

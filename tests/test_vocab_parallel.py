@@ -38,11 +38,13 @@ CASES = {
     "explicit_layout": {},
     "partial_dx": {"reduce_hidden_grad": False},
     "no_grad": {},
+    # class weights (every rank passes the whole vocabulary's), with label smoothing
+    "class_weight": {"class_weight": torch.linspace(0.0, 2.0, V), "label_smoothing": 0.1, "z_loss": 1e-3},
 }
 NO_BIAS = {"frozen_weight_no_bias"}
 # The Triton interpreter costs ~0.3 s a call: the kernel's shard paths (statistics mode, columns
 # offset by vocab_start, targets on other shards) run in these cases; the torch path runs all.
-TRITON_CASES = {"none", "ignore_index_7", "everything_none", "everything_sum", "skewed_chunks"}
+TRITON_CASES = {"none", "ignore_index_7", "everything_none", "everything_sum", "skewed_chunks", "class_weight"}
 RUNS = [(c, b) for c in CASES for b in BACKENDS if b == "torch" or c in TRITON_CASES]
 
 
@@ -78,6 +80,7 @@ def compute(hidden, weight, bias, labels, grad, dtype, backend, opts, trainable=
         for t, g in zip((hidden, weight, bias), trainable)
     ]
     labels, grad = labels.to(DEVICE), grad.to(DEVICE)
+    opts = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
     if backend is None:
         loss = fused_cel.linear_cross_entropy_reference(*leaves[:2], labels, leaves[2], **opts, **kw)
         grad = grad.to(loss.dtype)

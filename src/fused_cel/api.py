@@ -43,6 +43,7 @@ def linear_cross_entropy(
     vocab_size: int | None = None,
     reduce_hidden_grad: bool = True,
     return_token_stats: bool = False,
+    class_weight: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TokenStats]:
     """Cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``, without the logits.
 
@@ -92,6 +93,12 @@ def linear_cross_entropy(
             (Megatron's "copy to tensor-parallel region" does).
         return_token_stats: also return TokenStats (entropy, top1, mean_logit, log_sum_sq_probs
             per token, without gradient), from the same pass: no extra matmul.
+        class_weight: [V] float, as torch.nn.functional.cross_entropy's weight= (the whole
+            vocabulary's, with process_group): each counted token's term is scaled by
+            class_weight[label] (the z-loss too), label smoothing weighs each class as
+            F.cross_entropy does, and "mean" divides by the sum of the counted tokens' weights
+            (unless num_items is given; 1 if that sum is 0). Values must be finite and >= 0
+            (checked with the labels, when check_labels). No gradient flows to it.
 
     Returns:
         The float32 loss: a scalar, or per token for reduction="none". Every label ignored gives
@@ -120,8 +127,9 @@ def linear_cross_entropy(
         vocab_size=vocab_size,
         reduce_hidden_grad=reduce_hidden_grad,
         token_stats=return_token_stats,
+        class_weighted=class_weight is not None,
     )
-    loss, entropy, extras = _run(hidden, weight, labels, bias, opts, shift, num_items, process_group)
+    loss, entropy, extras = _run(hidden, weight, labels, bias, opts, shift, num_items, process_group, class_weight)
     if not return_token_stats:
         return loss
     return loss, TokenStats(entropy.detach(), *extras)
@@ -207,7 +215,7 @@ def linear_log_probs(
     )
 
 
-def _run(hidden, weight, labels, bias, opts, shift, num_items, process_group):
+def _run(hidden, weight, labels, bias, opts, shift, num_items, process_group, class_weight=None):
     """(loss, entropy, (top1, mean logit, log sum p**2)): the op on the flattened, shifted
     tokens; per-token results in the shape of labels (labels[..., 1:] with shift)."""
     options.check_tensors(hidden, weight, labels, bias)
@@ -222,13 +230,16 @@ def _run(hidden, weight, labels, bias, opts, shift, num_items, process_group):
         start, total = parallel.layout(process_group, V, x.shape[0], hidden.device, opts.vocab_start, opts.vocab_size)
         resolved.update(group_name=process_group.group_name, vocab_start=start, vocab_size=total)
     opts = dataclasses.replace(opts, **resolved)
+    options.check_class_weight(class_weight, opts.vocab_total(V), hidden.device)
+    if class_weight is not None:  # no gradient flows to it
+        class_weight = class_weight.detach().float().contiguous()
     targets = labels
     if shift:  # a shifted copy of the int labels only: hidden and logits are never copied
         targets = torch.full_like(labels, opts.ignore_index)
         targets[..., :-1] = labels[..., 1:]
     targets = targets.reshape(-1)
-    divisor = _divisor(num_items, opts.reduction, targets, opts.ignore_index)
-    loss, entropy, extras = op.linear_cross_entropy(x, weight, bias, targets, divisor, opts)
+    divisor = _divisor(num_items, opts.reduction, targets, opts.ignore_index, class_weight)
+    loss, entropy, extras = op.linear_cross_entropy(x, weight, bias, targets, divisor, class_weight, opts)
 
     def per_token(t):
         t = t.view(labels.shape)
@@ -258,7 +269,10 @@ def check_keywords(kwargs: dict) -> None:
         raise TypeError(f"unknown option(s) {unknown}; valid: {sorted(KEYWORDS)}")
     merged = {**KEYWORDS, **kwargs}
     merged["token_stats"] = merged.pop("return_token_stats")
-    options.make(**merged)
+    class_weight = merged.pop("class_weight")
+    if class_weight is not None and not isinstance(class_weight, torch.Tensor):
+        raise TypeError(f"class_weight must be a torch.Tensor or None, got {type(class_weight).__name__}")
+    options.make(**merged, class_weighted=class_weight is not None)
 
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):
@@ -315,10 +329,15 @@ def _compute_dtype(hidden, weight, bias) -> torch.dtype:
     return hidden.dtype
 
 
-def _divisor(num_items, reduction: str, targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+def _divisor(num_items, reduction: str, targets: torch.Tensor, ignore_index: int, class_weight=None):
     """The mean's divisor as an fp32 device tensor (no host sync); None for sum and none."""
     if reduction != "mean":
         return None
+    if num_items is None and class_weight is not None:  # the counted tokens' weights (1 if they sum to 0)
+        counted = targets != ignore_index
+        y = torch.where(counted, targets, 0).long().clamp(0, class_weight.shape[0] - 1)
+        total = torch.where(counted, class_weight[y], 0.0).sum()
+        return torch.where(total == 0, 1.0, total)
     if num_items is None:
         return (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
     if isinstance(num_items, torch.Tensor):

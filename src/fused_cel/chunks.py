@@ -41,6 +41,12 @@ class Work:
     entropy: torch.Tensor | None = None  # [N] fp32: written with the loss (token statistics), or read
     extras: torch.Tensor | None = None  # [N, 3] fp32 out with the loss: top-1, mean logit, log sum p**2
     ent_scale: torch.Tensor | None = None  # [N] fp32: each token's multiplier of its entropy's gradient
+    class_weight: torch.Tensor | None = None  # [V] fp32 (the whole vocabulary's): F.cross_entropy's weight=
+    class_weight_sum: torch.Tensor | None = None  # [1] fp32
+
+    def with_class_weight(self, class_weight: torch.Tensor | None) -> None:
+        if class_weight is not None:
+            self.class_weight, self.class_weight_sum = class_weight, class_weight.sum().reshape(1)
 
     @property
     def writes_grad(self) -> bool:
@@ -74,11 +80,12 @@ def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = No
     f32 = dict(dtype=torch.float32, device=x.device)
     buf = torch.empty((chunk, v_pad), dtype=x.dtype, device=x.device)
     tile_buf, planes = None, 3 if opts.label_smoothing else 2
-    if be.tile_stats and work.loss is not None and work.extras is None:  # the matmul writes softmax statistics
+    weights = {} if work.class_weight is None else dict(class_weight=work.class_weight)
+    if be.tile_stats and work.loss is not None and work.extras is None and not weights:  # the matmul's statistics
         tile_buf = torch.empty(planes * chunk * be.n_tiles(V), **f32)
     shard_stats = None
     if shard is not None and work.loss is not None:  # with the token statistics' sums: 7 a token
-        shard_stats = torch.empty((chunk, 4 if work.extras is None else 7), **f32)
+        shard_stats = torch.empty((chunk, (4 if work.extras is None else 7) + len(weights)), **f32)
     target_grad = torch.empty(chunk, **f32) if work.writes_grad else None
     dx_tile = None
     if dx is not None and (dx.dtype != torch.float32 or work.out_scale is not None):
@@ -102,15 +109,16 @@ def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = No
             stats = dict(ent_scale=work.ent_scale[start:end], entropy=work.entropy[start:end])
         tiles = None if tile_buf is None else tile_buf[: planes * rows * be.n_tiles(V)].view(planes, rows, -1)
         be.logits(xc, w_mm, b_mm, logits_mm, tiles, n_valid=V, opts=opts)
+        cw = {} if not weights else dict(weights, class_weight_sum=work.class_weight_sum)
         if loss is None:  # the lse is known: the gradient alone
-            be.gradient(logits, tt, lse, scale, tg, opts, **at, **stats)
+            be.gradient(logits, tt, lse, scale, tg, opts, **at, **stats, **cw)
         elif shard is None:  # loss, lse and the gradient (if wanted) in one pass
-            be.cross_entropy(logits, tt, loss, lse, opts, scale=scale, target_grad=tg, tile_stats=tiles, **stats)
+            be.cross_entropy(logits, tt, loss, lse, opts, scale=scale, target_grad=tg, tile_stats=tiles, **stats, **cw)
         else:  # this shard's statistics, combined over the group; then its part of the gradient
-            be.shard_stats(logits, tt, shard_stats[:rows], opts, vocab_start=shard.start, tile_stats=tiles)
-            parallel.combine(shard_stats[:rows], tt, loss, lse, shard, opts, **stats)
+            be.shard_stats(logits, tt, shard_stats[:rows], opts, vocab_start=shard.start, tile_stats=tiles, **weights)
+            parallel.combine(shard_stats[:rows], tt, loss, lse, shard, opts, **stats, **cw)
             if tg is not None:
-                be.gradient(logits, tt, lse, scale, tg, opts, **at)
+                be.gradient(logits, tt, lse, scale, tg, opts, **at, **cw)
         if tg is None:
             continue
         # The target entries: token t's gradient at its target y_t is tg_t (0 where ignored, or

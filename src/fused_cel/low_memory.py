@@ -54,8 +54,8 @@ def token_sweep(work: Work, opts: Options, plan: Plan) -> None:
     (N, D), V = x.shape, w.shape[0]
     be = backends.get(opts.backend)
     eps, z, cap, ls = opts.label_smoothing, opts.z_loss, opts.softcap, opts.logit_scale
-    if dx is not None and eps and cap is not None:
-        raise ValueError("token_sweep: softcap with label smoothing needs chunks of whole rows")
+    if dx is not None and eps and cap is not None or work.class_weight is not None:
+        raise ValueError("token_sweep: softcap with label smoothing, and class weights, need chunks of whole rows")
     tokens_max, cols_max = min(plan.chunk_size, N), min(plan.block_vocab, V)
     f32 = dict(dtype=torch.float32, device=x.device)
     buf = torch.empty(tokens_max * cols_max, dtype=x.dtype, device=x.device)
@@ -129,6 +129,8 @@ def vocab_pass(work: Work, opts: Options, plan: Plan) -> None:
             ent = {}
             if work.ent_scale is not None:
                 ent = dict(ent_scale=work.ent_scale[t0 : t0 + n], entropy=work.entropy[t0 : t0 + n])
+            if work.class_weight is not None:
+                ent.update(class_weight=work.class_weight, class_weight_sum=work.class_weight_sum)
             be.gradient(logits, tt, work.lse[t0 : t0 + n], scale, tg, opts, vocab_start=v0, vocab_total=V, **ent)
             y = (tt - v0).clamp(0, rows - 1)  # tg is 0 where y is not in the block
             if acc is not None:

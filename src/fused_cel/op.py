@@ -55,35 +55,38 @@ def _unflatten(args) -> tuple[Options, tuple[bool, bool, bool]]:
     return Options(*args[: len(_FIELDS)]), tuple(args[len(_FIELDS) :])
 
 
-def linear_cross_entropy(x, weight, bias, targets, divisor, opts: Options) -> tuple[Tensor, Tensor, Tensor]:
+def linear_cross_entropy(
+    x, weight, bias, targets, divisor, class_weight, opts: Options
+) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, entropy, extras) of flattened inputs (x [N, D], targets [N], shift applied;
-    divisor: the mean's, or None) prepared by fused_cel.api. Gradients are computed for the
-    tensors that require grad, when grad mode is on."""
+    divisor: the mean's, or None; class_weight: fp32 [V] or None) prepared by fused_cel.api.
+    Gradients are computed for the tensors that require grad, when grad mode is on."""
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (x, weight, bias)]
-    loss, _, entropy, extras, *_ = forward_op(x, weight, bias, targets, divisor, *flatten(opts, need))
+    loss, _, entropy, extras, *_ = forward_op(x, weight, bias, targets, divisor, class_weight, *flatten(opts, need))
     return loss, entropy, extras
 
 
 @torch.library.custom_op(
     "fused_cel::linear_cross_entropy",
     mutates_args=(),
-    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? divisor, {_OPTIONS}, {_NEED}) "
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? divisor, Tensor? class_weight, "
+    f"{_OPTIONS}, {_NEED}) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
-def forward_op(hidden, weight, bias, targets, divisor, *args):
+def forward_op(hidden, weight, bias, targets, divisor, class_weight, *args):
     """(loss, lse, entropy, extras, dx, dw, db) of hidden [N, D], weight [V, D], bias [V],
     targets [N]."""
     opts, need = _unflatten(args)
     with torch.autocast(hidden.device.type, enabled=False):
         if opts.check_labels:
-            check_label_range(targets, opts.vocab_total(weight.shape[0]), opts.ignore_index)
-        work, grads = _forward(hidden, weight, bias, targets, divisor, opts, need)
+            check_inputs(targets, opts.vocab_total(weight.shape[0]), opts.ignore_index, class_weight)
+        work, grads = _forward(hidden, weight, bias, targets, divisor, class_weight, opts, need)
     stats = _placeholders((work.entropy, work.extras), hidden.device)
     return work.loss, work.lse, *stats, *_placeholders(grads, hidden.device)
 
 
 @forward_op.register_fake
-def _forward_fake(hidden, weight, bias, targets, divisor, *args):
+def _forward_fake(hidden, weight, bias, targets, divisor, class_weight, *args):
     """Shapes and dtypes of forward_op's results; the gradients' dtypes depend on the plan."""
     opts, need = _unflatten(args)
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -100,7 +103,7 @@ def _forward_fake(hidden, weight, bias, targets, divisor, *args):
 def _setup_context(ctx, inputs, output):
     """Save what backward needs: for "mean" and "sum" forward's gradients (consumed by the one
     backward), for "none" the inputs, the per-token log-sum-exp and entropy."""
-    hidden, weight, bias, targets, divisor, *args = inputs
+    hidden, weight, bias, targets, divisor, class_weight, *args = inputs
     _, lse, entropy, extras, *grads = output
     ctx.set_materialize_grads(False)
     ctx.opts, ctx.need = _unflatten(args)
@@ -109,7 +112,7 @@ def _setup_context(ctx, inputs, output):
     if ctx.opts.reduction == "none":  # the entropy (when computed) is differentiable
         stats = ctx.opts.token_stats
         ctx.mark_non_differentiable(lse, extras, *grads, *(() if stats else (entropy,)))
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if stats else None)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if stats else None, class_weight)
         return
     ctx.mark_non_differentiable(lse, entropy, extras, *grads)
     ctx.prescaled = plan.choose(ctx.opts, hidden, weight, bias, ctx.need).prescaled
@@ -121,7 +124,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _, grad_entropy, *__):
     """Gradients of hidden, weight and bias (None for the other inputs)."""
     if ctx.opts.reduction == "none":
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy, class_weight = ctx.saved_tensors
         if entropy is None:  # the placeholder's
             grad_entropy = None
         if grad_loss is None and grad_entropy is None:
@@ -129,7 +132,7 @@ def _backward(ctx, grad_loss, _, grad_entropy, *__):
         if grad_loss is None:  # only the entropy is differentiated
             grad_loss = torch.zeros_like(lse)
         args = flatten(ctx.opts, ctx.need)
-        grads = backward_op(grad_loss, grad_entropy, hidden, weight, bias, targets, lse, entropy, *args)
+        grads = backward_op(grad_loss, grad_entropy, hidden, weight, bias, targets, lse, entropy, class_weight, *args)
         grads = tuple(g if n else None for g, n in zip(grads, ctx.need))
     else:
         if ctx.consumed:
@@ -158,9 +161,9 @@ forward_op.register_autograd(_backward, setup_context=_setup_context)
     "fused_cel::linear_cross_entropy_backward",
     mutates_args=(),
     schema=f"(Tensor grad, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-    f"Tensor lse, Tensor? entropy, {_OPTIONS}, {_NEED}) -> (Tensor, Tensor, Tensor)",
+    f"Tensor lse, Tensor? entropy, Tensor? class_weight, {_OPTIONS}, {_NEED}) -> (Tensor, Tensor, Tensor)",
 )
-def backward_op(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy, *args):
+def backward_op(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy, class_weight, *args):
     """(dx, dw, db) of reduction "none" for the per-token grad [N] (and grad_entropy, the
     entropy's), in their own dtypes: the loop again, with each token's grad_output as its scale."""
     opts, need = _unflatten(args)
@@ -170,6 +173,7 @@ def backward_op(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy,
         dx, dw, db = _empty_grads(x, w, need, p.grad_dtypes(hidden.dtype, weight.dtype))
         scale = grad.reshape(-1).float().contiguous()
         work = chunks.Work(x, w, b, targets, lse, scale=scale, dx=dx, dw=dw, db=db)
+        work.with_class_weight(class_weight)
         if grad_entropy is not None:
             work.ent_scale, work.entropy = grad_entropy.reshape(-1).float().contiguous(), entropy
         _run(work, opts, p)
@@ -180,14 +184,14 @@ def backward_op(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy,
 
 
 @backward_op.register_fake
-def _backward_fake(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy, *args):
+def _backward_fake(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy, class_weight, *args):
     """dx, dw, db in their tensors' shapes and dtypes, where needed."""
     _, need = _unflatten(args)
     grads = tuple(torch.empty_like(t) if n else None for t, n in zip((hidden, weight, bias), need))
     return _placeholders(grads, hidden.device)
 
 
-def _forward(hidden, weight, bias, targets, divisor, opts: Options, need):
+def _forward(hidden, weight, bias, targets, divisor, class_weight, opts: Options, need):
     """(work, grads): the pass's Work, whose loss is reduced, and the gradients. For "mean" and
     "sum" the pass also writes dX, dW, db where ``need`` asks for them, as the plan lays them out;
     for "none", or when no gradient is needed, only the loss (and the token statistics) runs:
@@ -196,6 +200,7 @@ def _forward(hidden, weight, bias, targets, divisor, opts: Options, need):
     f32 = dict(dtype=torch.float32, device=x.device)
     N = x.shape[0]
     work = chunks.Work(x, w, b, targets, torch.empty(N, **f32), loss=torch.empty(N, **f32))
+    work.with_class_weight(class_weight)
     if opts.token_stats:
         work.entropy, work.extras = torch.empty(N, **f32), torch.empty((N, 3), **f32)
     if opts.reduction == "none" or not any(need):
@@ -236,14 +241,21 @@ def _placeholders(grads, device) -> tuple[Tensor, ...]:
     return tuple(torch.empty(0, dtype=torch.float32, device=device) if g is None else g for g in grads)
 
 
-def check_label_range(targets: Tensor, vocab: int, ignore_index: int) -> None:
-    """Raise on a label outside [0, vocab) that is not ignore_index (one host synchronisation)."""
-    if targets.numel() == 0:
+def check_inputs(targets: Tensor, vocab: int, ignore_index: int, class_weight: Tensor | None) -> None:
+    """Raise on a label outside [0, vocab) that is not ignore_index, or a class weight that is
+    negative or not finite (one host synchronisation for both)."""
+    bad_label = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    flags = bad_label.any()[None]
+    if class_weight is not None:
+        bad_weight = ~(torch.isfinite(class_weight) & (class_weight >= 0))
+        flags = torch.cat([flags, bad_weight.any()[None]])
+    if not flags.any():
         return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    if bad.any():
-        value = int(targets[bad][0])
+    if bad_label.any():
+        value = int(targets[bad_label][0])
         raise ValueError(
             f"label {value} is out of range: labels must be in [0, V) = [0, {vocab}) or equal ignore_index "
             f"({ignore_index})"
         )
+    index = int(bad_weight.nonzero()[0])
+    raise ValueError(f"class_weight must be finite and >= 0, got {class_weight[index].item()} at index {index}")

@@ -41,6 +41,7 @@ class Options:
     reduce_hidden_grad: bool = True  # sum dX over the group inside autograd
     # Outputs.
     token_stats: bool = False  # per-token entropy, top-1, mean logit and log sum p**2
+    class_weighted: bool = False  # a class_weight tensor comes with the call
 
     def vocab_total(self, rows: int) -> int:
         """The whole vocabulary, for a weight of ``rows`` rows (this rank's, if sharded)."""
@@ -67,6 +68,7 @@ def make(
     vocab_size=None,
     reduce_hidden_grad=True,
     token_stats=False,
+    class_weighted=False,
 ) -> Options:
     """Check every tensor-free option; return them as Options. What depends on the tensors (the
     backend "auto", compute_dtype, a process group's layout) the caller resolves after this.
@@ -120,7 +122,25 @@ def make(
         vocab_size=None if vocab_size is None else int(vocab_size),
         reduce_hidden_grad=reduce_hidden_grad,
         token_stats=token_stats,
+        class_weighted=class_weighted,
     )
+
+
+def check_class_weight(class_weight, vocab: int, device) -> None:
+    """class_weight: None, or a floating-point [vocab] tensor on the inputs' device (its values
+    are checked with the labels, in the op: that needs a host sync)."""
+    if class_weight is None:
+        return
+    if not isinstance(class_weight, torch.Tensor):
+        raise TypeError(f"class_weight must be a torch.Tensor or None, got {type(class_weight).__name__}")
+    if not class_weight.is_floating_point():
+        raise TypeError(f"class_weight must be a floating-point tensor, got {class_weight.dtype}")
+    if class_weight.shape != (vocab,):
+        raise ValueError(f"class_weight must be [V] = [{vocab}], got shape {tuple(class_weight.shape)}")
+    if class_weight.device != device:
+        raise ValueError(
+            f"all tensors must be on one device, got class_weight: {class_weight.device}, hidden: {device}"
+        )
 
 
 def check_tensors(hidden, weight, labels, bias) -> None:

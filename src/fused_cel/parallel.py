@@ -71,28 +71,47 @@ def layout(group, local_vocab: int, n_tokens: int, device: torch.device, vocab_s
     return int(vocab_start), int(vocab_size)
 
 
-def combine(stats, targets, loss, lse, shard: Shard, opts: Options, entropy=None, extras=None) -> None:
-    """Per-shard statistics [rows, 4] -> the loss and lse of every token (the same on all ranks);
-    [rows, 7] -> also the token statistics into entropy and extras.
+def combine(
+    stats,
+    targets,
+    loss,
+    lse,
+    shard: Shard,
+    opts: Options,
+    entropy=None,
+    extras=None,
+    class_weight=None,
+    class_weight_sum=None,
+) -> None:
+    """Per-shard statistics -> the loss and lse of every token (the same on all ranks), and with
+    entropy and extras the token statistics.
 
-    stats holds (m_r, log s_r, sum of u, target logit or 0[, c_r, s2_r, mb_r]) per token: the
-    merge of the kernels' running statistics (kernels/common.py), across ranks.
+    stats holds per token (m_r, log s_r, sum of u, target logit or 0), then with the token
+    statistics (c_r, s2_r, mb_r), then with class weights the sum of w u: the merge of the
+    kernels' running statistics (kernels/common.py), across ranks.
     """
-    m_r, stats_too = stats[:, 0], stats.shape[1] == 7
+    m_r, stats_too = stats[:, 0], entropy is not None
     maxima = stats[:, [0, 6] if stats_too else [0]].clone(memory_format=torch.contiguous_format)
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=shard.group)
     m = maxima[:, 0]
     # s_r exp(m_r - m) is in [0, V_r]: its sum over ranks cannot overflow fp32.
     a, s_r = torch.exp(m_r - m), torch.exp(stats[:, 1])
-    sums = stats[:, 1 : 6 if stats_too else 4].clone(memory_format=torch.contiguous_format)
+    sums = stats[:, 1:].clone(memory_format=torch.contiguous_format)
     sums[:, 0] = s_r * a
-    if stats_too:  # c and s2 from each rank's max to the common one
+    if stats_too:  # c and s2 from each rank's max to the common one (mb went with the maxima)
         sums[:, 3] = (stats[:, 4] + (m_r - m) * s_r) * a
         sums[:, 4] = stats[:, 5] * a * a
+        sums[:, 5] = 0.0
     dist.all_reduce(sums, group=shard.group)
     s, u_sum, u_y = sums[:, 0], sums[:, 1], sums[:, 2]
     log_s = torch.log(s)
-    store_loss(loss, lse, m, log_s, u_sum, u_y, targets, shard.total, opts)
+    if class_weight is None:
+        store_loss(loss, lse, m, log_s, u_sum, u_y, targets, shard.total, opts)
+    else:  # the last column is the sum of w u
+        y = targets.long()
+        w_y = class_weight[torch.where((y >= 0) & (y < shard.total), y, 0)]
+        weights = (w_y, class_weight_sum.expand(len(y)))
+        store_loss(loss, lse, m, log_s, sums[:, -1], u_y, targets, shard.total, opts, weights)
     if stats_too:
         store_stats(entropy, extras, m, s, log_s, u_sum, sums[:, 3], sums[:, 4], maxima[:, 1], u_y, targets,
                     shard.total, opts)  # fmt: skip

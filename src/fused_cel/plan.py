@@ -99,8 +99,10 @@ def choose(opts: Options, hidden, weight, bias, need) -> Plan:
         fp32_db=fp32[2],
         vocab_pass=need[1] or need[2],
         fold_temps=backends.get(opts.backend).fold_makes_temporaries(),
-        # The sweep has no per-column softcap with smoothing, token statistics or entropy gradient.
-        token_sweep=not (need[0] and opts.softcap is not None and opts.label_smoothing > 0) and not opts.token_stats,
+        # The sweep has no per-column softcap with smoothing, class weights, token statistics or
+        # entropy gradient.
+        token_sweep=not (need[0] and opts.softcap is not None and opts.label_smoothing > 0)
+        and not (opts.token_stats or opts.class_weighted),
         fp32_dx_sum=need[0],
     )
 

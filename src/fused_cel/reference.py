@@ -27,29 +27,38 @@ def linear_cross_entropy_reference(
     temperature: float = 1.0,
     shift: bool = False,
     num_items: int | torch.Tensor | None = None,
+    class_weight: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The semantics of fused_cel.linear_cross_entropy (``compute_dtype`` is the upcast dtype)."""
     logits, labels = _logits(hidden, weight, labels, bias, softcap, logit_scale, temperature, shift, compute_dtype)
     V = logits.shape[-1]
     flat_logits, flat_labels = logits.reshape(-1, V), labels.reshape(-1).long()
+    weight = None if class_weight is None else class_weight.to(compute_dtype)
     per_token = F.cross_entropy(
         flat_logits,
         flat_labels,
+        weight=weight,
         ignore_index=ignore_index,
         reduction="none",
         label_smoothing=label_smoothing,
     )
     counted = flat_labels != ignore_index
+    # each counted token's weight: class_weight[label] (1 without)
+    w_y = torch.ones_like(per_token) if weight is None else weight[torch.where(counted, flat_labels, 0)]
     if z_loss:
-        per_token = per_token + torch.where(counted, z_loss * torch.logsumexp(flat_logits, -1) ** 2, 0.0)
+        per_token = per_token + torch.where(counted, z_loss * w_y * torch.logsumexp(flat_logits, -1) ** 2, 0.0)
     if reduction == "none":
         return per_token.reshape(labels.shape)
     total = per_token.sum()
     if reduction == "sum":
         return total
-    # Every label ignored: loss 0 (not 0/0); with num_items given, it is the divisor as is.
-    divisor = counted.sum().clamp(min=1) if num_items is None else num_items
+    # Every label ignored (or weighing 0): loss 0, not 0/0; with num_items given, it is the divisor.
+    if num_items is None:
+        divisor = torch.where(counted, w_y, 0.0).sum()
+        divisor = torch.where(divisor == 0, 1.0, divisor)
+    else:
+        divisor = num_items
     return total / divisor
 
 

@@ -32,10 +32,11 @@ def merge(m, s, block_m, block_s):
     return m_new, s
 
 
-def row_stats(u, local, m, s, u_sum, c, s2, mb, stats: bool):
+def row_stats(u, local, m, s, u_sum, c, s2, mb, stats: bool, w=None):
     """Running statistics continued over the rows of u [rows, V] (transformed): max m, the sum of
     exp(u - m), the sum of u, and with ``stats`` c = sum of exp(u - m) (u - m), s2 = sum of
-    exp(2 (u - m)) and mb = the max of the columns before ``local``, each row's target column."""
+    exp(2 (u - m)) and mb = the max of the columns before ``local``, each row's target column;
+    and uw = sum of w u with class weights w of the columns (0 without)."""
     if stats:
         m_new = torch.maximum(m, u.amax(-1))
         a = torch.exp(m - m_new)
@@ -48,7 +49,8 @@ def row_stats(u, local, m, s, u_sum, c, s2, mb, stats: bool):
         s, m = s * a + e.sum(-1), m_new
     else:
         m, s = merge(m, s, u, 1.0)
-    return m, s, u_sum + u.sum(-1), c, s2, mb
+    uw = 0.0 if w is None else (u * w).sum(-1)
+    return m, s, u_sum + u.sum(-1), c, s2, mb, uw
 
 
 def merge_tiles(tiles, m, s, u_sum):
@@ -62,24 +64,40 @@ def token_stats(m, s, log_s, u_sum, c, s2, mb, u_y, vocab_total):
     return log_s - c / s, (u_y >= m) & (u_y > mb), u_sum / vocab_total, torch.log(s2) - 2.0 * log_s
 
 
-def token_loss(m, log_s, u_sum, u_y, vocab_total, label_smoothing, z_loss):
-    """A token's loss from its row's statistics ((m - u_y) + log_s: no cancellation)."""
+def token_loss(m, log_s, u_sum, u_y, vocab_total, label_smoothing, z_loss, w_y=None, w_total=None):
+    """A token's loss from its row's statistics ((m - u_y) + log_s: no cancellation); with class
+    weights (w_y, w_total given) u_sum is the weighted sum of u."""
     lse = m + log_s
+    if w_y is not None:
+        loss = w_y * (1.0 - label_smoothing) * ((m - u_y) + log_s)
+        loss = loss + (label_smoothing / vocab_total) * (w_total * lse - u_sum)
+        return loss + z_loss * w_y * lse * lse
     loss = (1.0 - label_smoothing) * ((m - u_y) + log_s)
     loss = loss + label_smoothing * ((m - u_sum / vocab_total) + log_s)
     return loss + z_loss * lse * lse
 
 
-def grad_at_target(u_y, m, log_s, lse, vocab_total, label_smoothing, z_loss):
+def grad_at_target(u_y, m, log_s, lse, vocab_total, label_smoothing, z_loss, w_y=None, w_total=None):
     """dloss/du at the target column (p_y - 1 formed first)."""
     p_y = torch.exp((u_y - m) - log_s)
+    if w_y is not None:
+        g_y = w_y * ((1.0 - label_smoothing) * (p_y - 1.0) + 2.0 * z_loss * lse * p_y)
+        return g_y + (label_smoothing / vocab_total) * (w_total * p_y - w_y)
     g_y = (1.0 - label_smoothing) * (p_y - 1.0) + label_smoothing * (p_y - 1.0 / vocab_total)
     return g_y + 2.0 * z_loss * lse * p_y
 
 
-def softmax_grad(u, m, log_s, p_coef, label_smoothing, vocab_total):
-    """dloss/du at the other columns (m, log_s, p_coef per row, [rows, 1])."""
-    return torch.exp((u - m) - log_s) * p_coef - label_smoothing / vocab_total
+def p_coef(lse, vocab_total, label_smoothing, z_loss, w_y=None, w_total=None):
+    """The factor of p_j in dloss/du_j."""
+    if w_y is not None:
+        return w_y * (1.0 - label_smoothing) + label_smoothing / vocab_total * w_total + 2.0 * z_loss * w_y * lse
+    return 1.0 + 2.0 * z_loss * lse
+
+
+def softmax_grad(u, m, log_s, p_coef, label_smoothing, vocab_total, w=1.0):
+    """dloss/du at the other columns (m, log_s, p_coef per row, [rows, 1]; w the columns' class
+    weights)."""
+    return torch.exp((u - m) - log_s) * p_coef - label_smoothing / vocab_total * w
 
 
 def softcap_grad(u, inv_cap):
@@ -94,11 +112,11 @@ def entropy_grad(u, m, log_s, mean_u):
 
 
 def write_grad(
-    logits, u, local, m, log_s, p_coef, coef, label_smoothing, vocab_total, softcap, ent_coef=None, mean_u=None
+    logits, u, local, m, log_s, p_coef, coef, label_smoothing, vocab_total, softcap, ent_coef=None, mean_u=None, w=1.0
 ):
     """logits <- coef * dloss/du * du/dz (+ ent_coef * dH/du * du/dz), the target column (local)
     0; every argument but u per row, [rows]."""
-    d = softmax_grad(u, m[:, None], log_s[:, None], p_coef[:, None], label_smoothing, vocab_total)
+    d = softmax_grad(u, m[:, None], log_s[:, None], p_coef[:, None], label_smoothing, vocab_total, w)
     target = torch.arange(u.shape[1], device=u.device) == local[:, None]
     d = torch.where(target, 0.0, d)
     g = 1.0 if softcap is None else softcap_grad(u, 1.0 / softcap)
@@ -109,11 +127,12 @@ def write_grad(
     logits.copy_(d)
 
 
-def store_loss(loss, lse, m, log_s, u_sum, u_y, targets, vocab_total, opts: Options) -> None:
+def store_loss(loss, lse, m, log_s, u_sum, u_y, targets, vocab_total, opts: Options, weights=None) -> None:
     """loss, lse <- each token's, as the kernels' pass 1 stores them: NaN for a label outside
-    [0, vocab_total), 0 for ignore_index."""
+    [0, vocab_total), 0 for ignore_index. ``weights``: (w_y, w_total) with class weights, u_sum
+    then the weighted sum."""
     lse.copy_(m + log_s)
-    per_token = token_loss(m, log_s, u_sum, u_y, vocab_total, opts.label_smoothing, opts.z_loss)
+    per_token = token_loss(m, log_s, u_sum, u_y, vocab_total, opts.label_smoothing, opts.z_loss, *(weights or ()))
     y = targets.long()
     per_token = torch.where((y >= 0) & (y < vocab_total), per_token, float("nan"))
     loss.copy_(torch.where(y == opts.ignore_index, 0.0, per_token))
@@ -128,6 +147,14 @@ def store_stats(entropy, extras, m, s, log_s, u_sum, c, s2, mb, u_y, targets, vo
     entropy.copy_(torch.where(ignored, 0.0, ent))
     top1 = (top1 & valid & ~ignored).float()
     extras.copy_(torch.where(ignored[:, None], 0.0, torch.stack([top1, mean_u, log_sum_sq], 1)))
+
+
+def _weights(class_weight, class_weight_sum, targets, valid):
+    """(w_y, w_total) of each row with class weights; None without."""
+    if class_weight is None:
+        return None
+    y = torch.where(valid, targets.long(), 0)
+    return class_weight[y], class_weight_sum.expand(len(y))
 
 
 def _target(logits, targets, opts, vocab_start, vocab_total):
@@ -164,30 +191,36 @@ def cross_entropy(
     tile_stats=None,
     entropy=None,
     extras=None,
+    class_weight=None,
+    class_weight_sum=None,
 ):
     """See kernels.cross_entropy.cross_entropy."""
     rows, V = logits.shape
     if rows == 0:
         return
     u, local, here, counts, u_y = _target(logits, targets, opts, 0, V)
+    weights = _weights(class_weight, class_weight_sum, targets, here)
     m, s, u_sum, c, s2, mb = _start(rows, logits.device)
+    uw = None
     if tile_stats is not None:
         m, s, u_sum = merge_tiles(tile_stats, m, s, u_sum)
     else:
-        m, s, u_sum, c, s2, mb = row_stats(u, local, m, s, u_sum, c, s2, mb, entropy is not None)
+        m, s, u_sum, c, s2, mb, uw = row_stats(u, local, m, s, u_sum, c, s2, mb, entropy is not None, class_weight)
     log_s = torch.log(s)
-    store_loss(loss, lse, m, log_s, u_sum, u_y, targets, V, opts)
+    store_loss(loss, lse, m, log_s, u_sum if weights is None else uw, u_y, targets, V, opts, weights)
     if entropy is not None:
         store_stats(entropy, extras, m, s, log_s, u_sum, c, s2, mb, u_y, targets, V, opts)
     if target_grad is None:
         return
     coef = torch.where(counts, scale.float().expand(rows) * opts.logit_scale, 0.0)
     lse_ = m + log_s
-    g_y = grad_at_target(u_y, m, log_s, lse_, V, opts.label_smoothing, opts.z_loss)
+    g_y = grad_at_target(u_y, m, log_s, lse_, V, opts.label_smoothing, opts.z_loss, *(weights or ()))
     if opts.softcap is not None:
         g_y = g_y * softcap_grad(u_y, 1.0 / opts.softcap)
     target_grad.copy_(torch.where(here, g_y * coef, 0.0))
-    write_grad(logits, u, local, m, log_s, 1.0 + 2.0 * opts.z_loss * lse_, coef, opts.label_smoothing, V, opts.softcap)
+    a = p_coef(lse_, V, opts.label_smoothing, opts.z_loss, *(weights or ()))
+    w = 1.0 if class_weight is None else class_weight
+    write_grad(logits, u, local, m, log_s, a, coef, opts.label_smoothing, V, opts.softcap, w=w)
 
 
 def gradient(
@@ -202,6 +235,8 @@ def gradient(
     vocab_total=None,
     ent_scale=None,
     entropy=None,
+    class_weight=None,
+    class_weight_sum=None,
 ):
     """See kernels.gradient.gradient."""
     rows, V = logits.shape
@@ -209,9 +244,12 @@ def gradient(
         return
     vocab_total = V if vocab_total is None else vocab_total
     u, local, here, counts, u_y = _target(logits, targets, opts, vocab_start, vocab_total)
+    valid = (targets.long() >= 0) & (targets.long() < vocab_total)
+    weights = _weights(class_weight, class_weight_sum, targets, valid)
     coef = torch.where(counts, scale.float().expand(rows) * opts.logit_scale, 0.0)
     zero = torch.zeros_like(lse)
-    g_y = grad_at_target(u_y, lse, zero, lse, vocab_total, opts.label_smoothing, opts.z_loss) * coef
+    g_y = grad_at_target(u_y, lse, zero, lse, vocab_total, opts.label_smoothing, opts.z_loss, *(weights or ()))
+    g_y = g_y * coef
     ent_coef = mean_u = None
     if ent_scale is not None:
         ent_coef = torch.where(counts, ent_scale.float() * opts.logit_scale, 0.0)
@@ -220,13 +258,14 @@ def gradient(
     if opts.softcap is not None:
         g_y = g_y * softcap_grad(u_y, 1.0 / opts.softcap)
     target_grad.copy_(torch.where(here, g_y, 0.0))
-    p_coef = 1.0 + 2.0 * opts.z_loss * lse
+    a = p_coef(lse, vocab_total, opts.label_smoothing, opts.z_loss, *(weights or ()))
+    w = 1.0 if class_weight is None else class_weight[vocab_start : vocab_start + V]
     write_grad(
-        logits, u, local, lse, zero, p_coef, coef, opts.label_smoothing, vocab_total, opts.softcap, ent_coef, mean_u
+        logits, u, local, lse, zero, a, coef, opts.label_smoothing, vocab_total, opts.softcap, ent_coef, mean_u, w
     )
 
 
-def shard_stats(logits, targets, stats, opts: Options, *, vocab_start, tile_stats=None):
+def shard_stats(logits, targets, stats, opts: Options, *, vocab_start, tile_stats=None, class_weight=None):
     """See kernels.shard_stats.shard_stats."""
     rows, V = logits.shape
     if rows == 0:
@@ -236,8 +275,10 @@ def shard_stats(logits, targets, stats, opts: Options, *, vocab_start, tile_stat
     if tile_stats is not None:
         m, s, u_sum = merge_tiles(tile_stats, m, s, u_sum)
     else:
-        m, s, u_sum, c, s2, mb = row_stats(u, local, m, s, u_sum, c, s2, mb, stats.shape[1] == 7)
-    columns = [m, torch.log(s), u_sum, torch.where(here, u_y, 0.0)] + ([c, s2, mb] if stats.shape[1] == 7 else [])
+        w = None if class_weight is None else class_weight[vocab_start : vocab_start + V]
+        m, s, u_sum, c, s2, mb, uw = row_stats(u, local, m, s, u_sum, c, s2, mb, stats.shape[1] >= 7, w)
+    columns = [m, torch.log(s), u_sum, torch.where(here, u_y, 0.0)] + ([c, s2, mb] if stats.shape[1] >= 7 else [])
+    columns += [] if class_weight is None else [uw]
     stats.copy_(torch.stack(columns, dim=1))
 
 
@@ -248,7 +289,7 @@ def online_softmax(logits, targets, running, alpha, opts: Options, *, vocab_star
         return
     u, local, here, counts, u_y = _target(logits, targets, opts, vocab_start, vocab_total)
     m_old, s, u_sum, u_y_sum = running.clone().unbind(1)
-    m, s, u_sum, *_ = row_stats(u, local, m_old, s, u_sum, None, None, None, False)
+    m, s, u_sum, *_ = row_stats(u, local, m_old, s, u_sum, None, None, None, False)  # (no class weights here)
     running.copy_(torch.stack([m, s, u_sum, u_y_sum + torch.where(here, u_y, 0.0)], dim=1))
     alpha.copy_(torch.exp(m_old - m))
     if write_p:

@@ -50,12 +50,13 @@ def merge(m, s, block_m, block_s):
 
 
 @triton.jit
-def row_stats(row_ptr, V, local, m, s, u_sum, c, s2, mb, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr,
-              STATS: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+def row_stats(row_ptr, V, local, m, s, u_sum, c, s2, mb, uw, w_ptr, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr,
+              STATS: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     """Running statistics of a row's transformed logits u continued over its V columns, BLOCK_V at
-    a time: max m, s = sum of exp(u - m), the sum of u, and with STATS the token statistics'
-    sums: c = sum of exp(u - m) (u - m), s2 = sum of exp(2 (u - m)), and mb = the max of the
-    columns before the target's (``local``: the target's column, which may lie outside)."""
+    a time: max m, s = sum of exp(u - m), the sum of u, with STATS the token statistics' sums
+    (c = sum of exp(u - m) (u - m), s2 = sum of exp(2 (u - m)), mb = the max of the columns
+    before the target's; ``local``: the target's column, which may lie outside), and with
+    WEIGHTED uw = sum of w u, w the class weights of these columns (``w_ptr``)."""
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
@@ -74,7 +75,9 @@ def row_stats(row_ptr, V, local, m, s, u_sum, c, s2, mb, logit_scale, softcap, H
         else:
             m, s = merge(m, s, u, 1.0)
         u_sum += tl.sum(tl.where(mask, u, 0.0), axis=0)
-    return m, s, u_sum, c, s2, mb
+        if WEIGHTED:
+            uw += tl.sum(tl.load(w_ptr + cols, mask=mask, other=0.0) * tl.where(mask, u, 0.0), axis=0)
+    return m, s, u_sum, c, s2, mb, uw
 
 
 @triton.jit
@@ -93,22 +96,24 @@ def merge_tiles(at, n_tiles, plane, m, s, u_sum, TILE_SUM: tl.constexpr, BLOCK_T
 
 
 @triton.jit
-def stats_of_row(row_ptr, V, local, tile_ptr, row, n_tiles, plane, logit_scale, softcap, HAS_SOFTCAP: tl.constexpr,
-                 TILE_STATS: tl.constexpr, TILE_SUM: tl.constexpr, BLOCK_T: tl.constexpr, STATS: tl.constexpr,
-                 BLOCK_V: tl.constexpr):  # fmt: skip
-    """row_stats from scratch: the row read, or (not with STATS) merged from the tiles."""
+def stats_of_row(row_ptr, V, local, tile_ptr, row, n_tiles, plane, w_ptr, logit_scale, softcap,
+                 HAS_SOFTCAP: tl.constexpr, TILE_STATS: tl.constexpr, TILE_SUM: tl.constexpr, BLOCK_T: tl.constexpr,
+                 STATS: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """row_stats from scratch: the row read, or (not with STATS or WEIGHTED) merged from the
+    tiles."""
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     u_sum = tl.zeros((), tl.float32)
     c = tl.zeros((), tl.float32)
     s2 = tl.zeros((), tl.float32)
     mb = tl.full((), float("-inf"), tl.float32)
+    uw = tl.zeros((), tl.float32)
     if TILE_STATS:
         m, s, u_sum = merge_tiles(tile_ptr + row * n_tiles, n_tiles, plane, m, s, u_sum, TILE_SUM, BLOCK_T)
     else:
-        m, s, u_sum, c, s2, mb = row_stats(row_ptr, V, local, m, s, u_sum, c, s2, mb, logit_scale, softcap,
-                                           HAS_SOFTCAP, STATS, BLOCK_V)  # fmt: skip
-    return m, s, u_sum, c, s2, mb
+        m, s, u_sum, c, s2, mb, uw = row_stats(row_ptr, V, local, m, s, u_sum, c, s2, mb, uw, w_ptr, logit_scale,
+                                               softcap, HAS_SOFTCAP, STATS, WEIGHTED, BLOCK_V)  # fmt: skip
+    return m, s, u_sum, c, s2, mb, uw
 
 
 @triton.jit
@@ -122,30 +127,50 @@ def token_stats(m, s, log_s, u_sum, c, s2, mb, u_y, vocab_total):
 
 
 @triton.jit
-def token_loss(m, log_s, u_sum, u_y, vocab_total, label_smoothing, z_loss):
+def token_loss(m, log_s, u_sum, u_y, vocab_total, label_smoothing, z_loss, w_y, w_total, WEIGHTED: tl.constexpr):
     """A token's loss from its row's statistics; lse = m + log_s is kept apart so that
-    (m - u_y) + log_s loses nothing when u_y is the max."""
+    (m - u_y) + log_s loses nothing when u_y is the max. WEIGHTED (class weights w): u_sum is
+    sum_c w_c u_c, w_y the target's weight, w_total = sum_c w_c; each term as F.cross_entropy's
+    weight= makes it, the z-loss times w_y."""
     lse = m + log_s
-    loss = (1.0 - label_smoothing) * ((m - u_y) + log_s)
-    loss += label_smoothing * ((m - u_sum / vocab_total) + log_s)
-    loss += z_loss * lse * lse
+    if WEIGHTED:
+        loss = w_y * (1.0 - label_smoothing) * ((m - u_y) + log_s)
+        loss += (label_smoothing / vocab_total) * (w_total * lse - u_sum)
+        loss += z_loss * w_y * lse * lse
+    else:
+        loss = (1.0 - label_smoothing) * ((m - u_y) + log_s)
+        loss += label_smoothing * ((m - u_sum / vocab_total) + log_s)
+        loss += z_loss * lse * lse
     return loss
 
 
 @triton.jit
-def grad_at_target(u_y, m, log_s, lse, vocab_total, label_smoothing, z_loss):
+def grad_at_target(u_y, m, log_s, lse, vocab_total, label_smoothing, z_loss, w_y, w_total, WEIGHTED: tl.constexpr):
     """dloss/du at the target column. p_y - 1 is formed first, in fp32 (exactly, for p_y >= 1/2),
     so a confident token loses nothing to cancellation."""
     p_y = tl.exp((u_y - m) - log_s)
-    g_y = (1.0 - label_smoothing) * (p_y - 1.0) + label_smoothing * (p_y - 1.0 / vocab_total)
-    g_y += 2.0 * z_loss * lse * p_y
+    if WEIGHTED:
+        g_y = w_y * ((1.0 - label_smoothing) * (p_y - 1.0) + 2.0 * z_loss * lse * p_y)
+        g_y += (label_smoothing / vocab_total) * (w_total * p_y - w_y)
+    else:
+        g_y = (1.0 - label_smoothing) * (p_y - 1.0) + label_smoothing * (p_y - 1.0 / vocab_total)
+        g_y += 2.0 * z_loss * lse * p_y
     return g_y
 
 
 @triton.jit
-def softmax_grad(u, m, log_s, p_coef, label_smoothing, vocab_total):
-    """dloss/du at the columns other than the target; p_coef = 1 + 2 c lse."""
-    return tl.exp((u - m) - log_s) * p_coef - label_smoothing / vocab_total
+def p_coef(lse, vocab_total, label_smoothing, z_loss, w_y, w_total, WEIGHTED: tl.constexpr):
+    """The factor of p_j in dloss/du_j: 1 + 2 c lse, or with class weights
+    w_y (1 - eps) + eps w_total / V + 2 c w_y lse."""
+    if WEIGHTED:
+        return w_y * (1.0 - label_smoothing) + label_smoothing / vocab_total * w_total + 2.0 * z_loss * w_y * lse
+    return 1.0 + 2.0 * z_loss * lse
+
+
+@triton.jit
+def softmax_grad(u, m, log_s, p_coef, label_smoothing, vocab_total, w):
+    """dloss/du at the columns other than the target; w: their class weights (1 without)."""
+    return tl.exp((u - m) - log_s) * p_coef - label_smoothing / vocab_total * w
 
 
 @triton.jit
@@ -157,11 +182,12 @@ def softcap_grad(u, inv_cap):
 
 @triton.jit
 def write_grad(row_ptr, V, local, m, log_s, p_coef, coef, label_smoothing, vocab_total, logit_scale, softcap,
-               ent_coef, mean_u, HAS_SOFTCAP: tl.constexpr, ENT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
-               ROUND_BF16: tl.constexpr):  # fmt: skip
+               ent_coef, mean_u, w_ptr, HAS_SOFTCAP: tl.constexpr, ENT_GRAD: tl.constexpr, WEIGHTED: tl.constexpr,
+               BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
     """Overwrite a row, in place and in its own dtype, with coef * dloss/du * du/dz (plus, with
     ENT_GRAD, ent_coef * dH/du * du/dz, H the entropy); the target column (``local``, if in the
-    row) is written 0: its gradient leaves as one fp32 number."""
+    row) is written 0: its gradient leaves as one fp32 number. WEIGHTED: w_ptr holds the
+    columns' class weights."""
     if HAS_SOFTCAP:
         inv_cap = 1.0 / softcap  # one division per row, not per element
     for start in range(0, V, BLOCK_V):
@@ -169,7 +195,11 @@ def write_grad(row_ptr, V, local, m, log_s, p_coef, coef, label_smoothing, vocab
         mask = cols < V
         z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         u = transform(z, logit_scale, softcap, HAS_SOFTCAP)
-        d = softmax_grad(u, m, log_s, p_coef, label_smoothing, vocab_total)
+        if WEIGHTED:
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        else:
+            w = 1.0
+        d = softmax_grad(u, m, log_s, p_coef, label_smoothing, vocab_total, w)
         d = tl.where(cols == local, 0.0, d)
         if HAS_SOFTCAP:
             g = softcap_grad(u, inv_cap)
@@ -219,6 +249,10 @@ def tile_args(tile_stats) -> tuple:
 
 # The kernels' flags, derived from their arguments (triton.heuristics): absent inputs are None.
 HAS_SOFTCAP = {"HAS_SOFTCAP": lambda a: a["softcap"] is not None}
+WEIGHTED = {  # class weights (w_ptr: the whole vocabulary's); each column's is read only with label smoothing
+    "WEIGHTED": lambda a: a["w_ptr"] is not None,
+    "COLUMN_WEIGHTS": lambda a: a["w_ptr"] is not None and a["label_smoothing"] > 0,
+}
 TILES = {  # tile_ptr: the logits matmul's per-tile statistics, merged instead of reading the row
     "TILE_STATS": lambda a: a["tile_ptr"] is not None,
     "TILE_SUM": lambda a: a["tile_ptr"] is not None and a["tile_ptr"].shape[0] == 3,  # the sums' plane

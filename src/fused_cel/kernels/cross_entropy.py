@@ -25,6 +25,7 @@ from . import common
     {
         **common.HAS_SOFTCAP,
         **common.TILES,
+        **common.WEIGHTED,
         "WRITE_GRAD": lambda a: a["target_grad_ptr"] is not None,  # pass 2
         "STATS": lambda a: a["entropy_ptr"] is not None,  # the token statistics
         **common.ROUND_BF16,
@@ -45,6 +46,8 @@ def _cross_entropy_kernel(
     tile_ptr,  # *fp32 [2 or 3, rows, n_tiles]: the matmul's per-tile statistics; None: read the row
     n_tiles,  # column tiles of tile_ptr
     tile_plane,  # rows * n_tiles
+    w_ptr,  # *fp32 [V]: class weights; None: none (not with tile_ptr)
+    w_total_ptr,  # *fp32 [1]: their sum
     V,  # columns: the vocabulary
     ignore_index,
     label_smoothing,
@@ -55,6 +58,8 @@ def _cross_entropy_kernel(
     TILE_STATS: tl.constexpr,
     TILE_SUM: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    COLUMN_WEIGHTS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     STATS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
@@ -65,12 +70,20 @@ def _cross_entropy_kernel(
     target = tl.load(targets_ptr + row).to(tl.int64)
     _, valid, u_y = common.target_logit(row_ptr, target, 0, V, logit_scale, softcap, HAS_SOFTCAP)
     ignored = target == ignore_index
-    m, s, u_sum, c, s2, mb = common.stats_of_row(row_ptr, V, target, tile_ptr, row, n_tiles, tile_plane, logit_scale,
-                                                 softcap, HAS_SOFTCAP, TILE_STATS, TILE_SUM, BLOCK_T, STATS,
-                                                 BLOCK_V)  # fmt: skip
+    w_y = 1.0
+    w_total = 1.0
+    if WEIGHTED:
+        w_y = tl.load(w_ptr + tl.where(valid, target, 0))
+        w_total = tl.load(w_total_ptr)
+    m, s, u_sum, c, s2, mb, uw = common.stats_of_row(row_ptr, V, target, tile_ptr, row, n_tiles, tile_plane, w_ptr,
+                                                     logit_scale, softcap, HAS_SOFTCAP, TILE_STATS, TILE_SUM, BLOCK_T,
+                                                     STATS, COLUMN_WEIGHTS, BLOCK_V)  # fmt: skip
     log_s = tl.log(s)
     lse = m + log_s
-    loss = common.token_loss(m, log_s, u_sum, u_y, V, label_smoothing, z_loss)
+    if WEIGHTED:  # the smoothing term weighs each column
+        loss = common.token_loss(m, log_s, uw, u_y, V, label_smoothing, z_loss, w_y, w_total, WEIGHTED)
+    else:
+        loss = common.token_loss(m, log_s, u_sum, u_y, V, label_smoothing, z_loss, w_y, w_total, WEIGHTED)
     loss = tl.where(valid, loss, float("nan"))
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
     tl.store(lse_ptr + row, lse)
@@ -84,16 +97,29 @@ def _cross_entropy_kernel(
     if WRITE_GRAD:
         coef = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * logit_scale
         coef = tl.where(valid & (target != ignore_index), coef, 0.0)
-        g_y = common.grad_at_target(u_y, m, log_s, lse, V, label_smoothing, z_loss)
+        g_y = common.grad_at_target(u_y, m, log_s, lse, V, label_smoothing, z_loss, w_y, w_total, WEIGHTED)
         if HAS_SOFTCAP:
             g_y = g_y * common.softcap_grad(u_y, 1.0 / softcap)
         tl.store(target_grad_ptr + row, tl.where(valid, g_y * coef, 0.0))
-        common.write_grad(row_ptr, V, target, m, log_s, 1.0 + 2.0 * z_loss * lse, coef, label_smoothing, V,
-                          logit_scale, softcap, 0.0, 0.0, HAS_SOFTCAP, False, BLOCK_V, ROUND_BF16)  # fmt: skip
+        a = common.p_coef(lse, V, label_smoothing, z_loss, w_y, w_total, WEIGHTED)
+        common.write_grad(row_ptr, V, target, m, log_s, a, coef, label_smoothing, V, logit_scale, softcap, 0.0, 0.0,
+                          w_ptr, HAS_SOFTCAP, False, COLUMN_WEIGHTS, BLOCK_V, ROUND_BF16)  # fmt: skip
 
 
 def cross_entropy(
-    logits, targets, loss, lse, opts, *, scale=None, target_grad=None, tile_stats=None, entropy=None, extras=None
+    logits,
+    targets,
+    loss,
+    lse,
+    opts,
+    *,
+    scale=None,
+    target_grad=None,
+    tile_stats=None,
+    entropy=None,
+    extras=None,
+    class_weight=None,
+    class_weight_sum=None,
 ) -> None:
     """Loss and lse ([rows] fp32, written) of each row of ``logits`` [rows, V] (unit column
     stride); with ``target_grad`` ([rows] fp32) also the gradient, times ``scale`` (fp32, one
@@ -103,7 +129,8 @@ def cross_entropy(
     ``tile_stats`` ([2 or 3, rows, tiles] fp32, from kernels.logits): pass 1 merges them
     instead of reading the row. ``entropy`` ([rows] fp32) and ``extras`` ([rows, 3] fp32): each
     token's entropy, and whether its target is the first argmax (1 or 0), its mean logit and
-    log sum p**2, all 0 where ignored (not with tile_stats)."""
+    log sum p**2, all 0 where ignored (not with tile_stats). ``class_weight`` ([V] fp32) and
+    ``class_weight_sum`` ([1] fp32): F.cross_entropy's weight= (not with tile_stats)."""
     common.launch_rows(
         _cross_entropy_kernel,
         logits,
@@ -116,6 +143,8 @@ def cross_entropy(
         entropy,
         extras,
         *common.tile_args(tile_stats),
+        class_weight,
+        class_weight_sum,
         logits.shape[1],
         opts.ignore_index,
         opts.label_smoothing,

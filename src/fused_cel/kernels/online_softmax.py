@@ -42,8 +42,9 @@ def _online_softmax_kernel(
     local, here, u_y = common.target_logit(row_ptr, target, vocab_start, V, logit_scale, softcap, HAS_SOFTCAP)
     m_old = tl.load(at)
     unused = tl.zeros((), tl.float32)  # the token statistics' sums (not here)
-    m, s, u_sum, _, _, _ = common.row_stats(row_ptr, V, local, m_old, tl.load(at + 1), tl.load(at + 2), unused, unused,
-                                            unused, logit_scale, softcap, HAS_SOFTCAP, False, BLOCK_V)  # fmt: skip
+    m, s, u_sum, _, _, _, _ = common.row_stats(row_ptr, V, local, m_old, tl.load(at + 1), tl.load(at + 2), unused,
+                                               unused, unused, unused, None, logit_scale, softcap, HAS_SOFTCAP, False,
+                                               False, BLOCK_V)  # fmt: skip
     tl.store(at, m)
     tl.store(at + 1, s)
     tl.store(at + 2, u_sum)
@@ -53,7 +54,7 @@ def _online_softmax_kernel(
         valid = (target >= 0) & (target < vocab_total)
         coef = tl.where(valid & (target != ignore_index), logit_scale, 0.0)
         common.write_grad(row_ptr, V, local, m, 0.0, 1.0, coef, 0.0, vocab_total, logit_scale, softcap, 0.0, 0.0,
-                          HAS_SOFTCAP, False, BLOCK_V, ROUND_BF16)  # fmt: skip
+                          None, HAS_SOFTCAP, False, False, BLOCK_V, ROUND_BF16)  # fmt: skip
 
 
 def online_softmax(logits, targets, running, alpha, opts, *, vocab_start, vocab_total, write_p) -> None:
