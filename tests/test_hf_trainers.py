@@ -265,3 +265,182 @@ def test_unpatch_keeps_a_forward_replaced_after_patching(sft, fused_calls):
     assert "forward" not in model.get_output_embeddings().__dict__, "the head's forward was not restored"
     losses = train(trainer)
     assert not fused_calls and losses[-1] < losses[0], f"fused_cel ran {len(fused_calls)} times; losses {losses}"
+
+
+# fused_cel.integrations.trl: fused_cel in the slot TRL's trainers score tokens through.
+
+
+@pytest.fixture
+def trl_kernel_calls(monkeypatch):
+    """Counts the calls into TRL's own kernel (its ChunkedLogProbFunction.apply)."""
+    pytest.importorskip("trl")
+    from trl.kernels import chunked_logprob
+
+    calls = []
+    stock = chunked_logprob.ChunkedLogProbFunction.apply
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return stock(*args)
+
+    monkeypatch.setattr(chunked_logprob.ChunkedLogProbFunction, "apply", counting)
+    return calls
+
+
+def sft_metrics(trainer):
+    """(loss, entropy, mean_token_accuracy) per logged step."""
+    return [(e["loss"], e["entropy"], e["mean_token_accuracy"]) for e in trainer.state.log_history if "loss" in e]
+
+
+def test_sft_trainer_with_trl_install_matches_trl(sft, trl_kernel_calls):
+    """install(): SFTTrainer's loss, entropy and mean_token_accuracy logs and its final weights are
+    TRL's own run's to fp32 rounding, fused_cel computed every micro-batch and TRL's kernel none."""
+    from fused_cel.integrations import trl as fused_trl
+
+    init = tiny_llama()
+    stock_model = copy.deepcopy(init)
+    stock_trainer = sft(stock_model, "stock")
+    stock_losses = train(stock_trainer)
+    assert len(trl_kernel_calls) == 6 * ACCUMULATE
+    model = copy.deepcopy(init)
+    trainer = sft(model, "fused")
+    before, fused_before = len(trl_kernel_calls), fused_trl.calls["fused"]
+    fused_trl.install(**PATCH)
+    try:
+        losses = train(trainer)
+    finally:
+        fused_trl.uninstall()
+    assert len(trl_kernel_calls) == before, "TRL's own kernel ran with fused_cel installed"
+    assert fused_trl.calls["fused"] - fused_before == 6 * ACCUMULATE
+    assert_same_training(losses, stock_losses, model, stock_model, init)
+    for (_, entropy, accuracy), (_, stock_entropy, stock_accuracy) in zip(
+        sft_metrics(trainer), sft_metrics(stock_trainer)
+    ):
+        assert abs(entropy - stock_entropy) <= LOSS_RTOL * abs(stock_entropy), (entropy, stock_entropy)
+        assert accuracy == stock_accuracy, (accuracy, stock_accuracy)
+
+
+def test_trl_install_is_idempotent_reversible_and_refuses_an_unknown_kernel(monkeypatch):
+    pytest.importorskip("trl")
+    import trl.trainer.utils as utils
+
+    from fused_cel.integrations import trl as fused_trl
+
+    stock = utils._ChunkedLogProbFunction
+    fused_trl.install(backend="torch")
+    fused_trl.install(backend="torch")  # again: one wrapper, not two
+    assert fused_trl.installed() and utils._ChunkedLogProbFunction.stock is stock
+    fused_trl.uninstall()
+    fused_trl.uninstall()
+    assert utils._ChunkedLogProbFunction is stock and not fused_trl.installed()
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['softcap'\]"):
+        fused_trl.install(softcap=30.0)
+
+    class Unknown(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, temperature):
+            return hidden
+
+    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", Unknown)
+    with pytest.raises(RuntimeError, match=r"takes \['hidden', 'weight', 'targets', 'temperature'\].*not installed"):
+        fused_trl.install()
+    assert utils._ChunkedLogProbFunction is Unknown
+
+
+def test_trl_install_delegates_what_it_does_not_serve(monkeypatch, trl_kernel_calls):
+    """ZeRO-3 (TRL's kernel gathers the head again in its backward) goes to TRL's kernel, with a
+    warning and a count; the results are TRL's."""
+    pytest.importorskip("trl")
+    import transformers.integrations.deepspeed as ds
+    import trl.trainer.utils as utils
+
+    from fused_cel.integrations import trl as fused_trl
+
+    hidden, weight = torch.randn(6, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (6,))
+    fused_trl.install(backend="torch")
+    try:
+        ours = utils._ChunkedLogProbFunction.apply(hidden, weight, None, targets, 0.7, 4096, 5.0, 1.0, ("entropy",))
+        monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+        fused_trl._warned.discard("DeepSpeed ZeRO-3")
+        before = fused_trl.calls["delegated: DeepSpeed ZeRO-3"]
+        with pytest.warns(UserWarning, match="TRL's own kernel computes this call \\(DeepSpeed ZeRO-3\\)"):
+            theirs = utils._ChunkedLogProbFunction.apply(
+                hidden, weight, None, targets, 0.7, 4096, 5.0, 1.0, ("entropy",)
+            )
+    finally:
+        fused_trl.uninstall()
+    assert fused_trl.calls["delegated: DeepSpeed ZeRO-3"] == before + 1 and len(trl_kernel_calls) == 1
+    for a, b in zip(ours, theirs):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def word_tokenizer():
+    """byte_tokenizer splitting text at spaces: "<3> <17>" -> ids 3, 17 (TRL's RL trainers take text)."""
+    from tokenizers import pre_tokenizers
+
+    tokenizer = byte_tokenizer()
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tokenizer
+
+
+def rl_trainer(kind, model, init, tmp_path):
+    """A GRPOTrainer (entropy bonus on, a stub reward) or a DPOTrainer on 8 tiny examples, 2 steps."""
+    trl = pytest.importorskip("trl")
+    import datasets
+
+    words = lambda *ids: " ".join(f"<{i}>" for i in ids)  # noqa: E731
+    common = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+                  logging_steps=1, seed=0, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                  bf16=False)  # fmt: skip
+    if kind == "grpo":
+        data = datasets.Dataset.from_dict({"prompt": [words(i + 3, (7 * i) % 200 + 3, 5) for i in range(8)]})
+        args = trl.GRPOConfig(**common, num_generations=4, max_completion_length=8, entropy_coef=0.1, beta=0.0)
+        reward = lambda completions, **kw: [0.1 * len(c) for c in completions]  # noqa: E731
+        return trl.GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                               processing_class=word_tokenizer())  # fmt: skip
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": [words(i + 3, 9) for i in range(8)],
+            "chosen": [words(i + 10, 11, 12) for i in range(8)],
+            "rejected": [words(i + 40, 41) for i in range(8)],
+        }
+    )
+    return trl.DPOTrainer(model=model, ref_model=copy.deepcopy(init), args=trl.DPOConfig(**common), train_dataset=data,
+                          processing_class=word_tokenizer())  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["grpo", "dpo"])
+def test_rl_trainers_with_trl_install_match_trl(kind, tmp_path, monkeypatch, trl_kernel_calls):
+    """GRPO with its entropy bonus (the entropy's gradient) and DPO (log-probs of policy and
+    reference, mean logits, entropy): every logged number and the final weights are TRL's own
+    run's to fp32 rounding, with fused_cel computing every call."""
+    import huggingface_hub.constants
+
+    from fused_cel.integrations import trl as fused_trl
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    init = tiny_llama()
+    runs = {}
+    for name in ("stock", "fused"):
+        model = copy.deepcopy(init)
+        trainer = rl_trainer(kind, model, init, tmp_path / name)
+        if name == "fused":
+            fused_trl.install(**PATCH)
+        before, fused_before = len(trl_kernel_calls), fused_trl.calls["fused"]
+        try:
+            trainer.train()
+        finally:
+            fused_trl.uninstall()
+        logs = [e for e in trainer.state.log_history if "loss" in e]
+        runs[name] = model, logs, len(trl_kernel_calls) - before, fused_trl.calls["fused"] - fused_before
+    (model, logs, trl_calls, fused), (stock_model, stock_logs, stock_trl_calls, _) = runs["fused"], runs["stock"]
+    assert trl_calls == 0 and fused == stock_trl_calls > 0, (trl_calls, fused, stock_trl_calls)
+    for entry, stock_entry in zip(logs, stock_logs):
+        for key, want in stock_entry.items():
+            if isinstance(want, float) and key not in ("step_time", "train_runtime"):
+                assert abs(entry[key] - want) <= LOSS_RTOL * abs(want) + 1e-6, (key, entry[key], want)
+    assert_same_training([e["loss"] for e in logs], [e["loss"] for e in stock_logs], model, stock_model, init)
