@@ -9,9 +9,11 @@ pytest.importorskip("transformers")
 
 def test_training_demo(tmp_path, capsys):
     png = tmp_path / "loss.png"
-    results = demo.main(["--steps", "4", "--seq", "32", "--batch", "2", "--plot", str(png), "--device", "cpu"])
+    argv = ["--size", "tiny", "--steps", "4", "--seq", "32", "--batch", "2", "--plot", str(png), "--device", "cpu"]
+    results = demo.main(argv)
     out = capsys.readouterr().out
-    assert "max |diff| vs stock" in out and png.stat().st_size > 0
+    assert "max |diff| vs stock" in out and "fused_cel against stock: losses equal to" in out
+    assert png.stat().st_size > 0
     stock, fused = results["stock"]["losses"], results["fused_cel"]["losses"]
     assert len(stock) == 4 and max(abs(a - b) for a, b in zip(stock, fused)) < 1e-4  # fp32, same batches
 

@@ -20,7 +20,8 @@ import fused_cel
 
 # Model sizes: hidden, intermediate, layers, heads, kv heads, vocab.
 SIZES = {
-    "tiny": (256, 688, 2, 4, 4, 8192),  # CPU default: bytes in an 8192-entry vocabulary
+    "tiny": (256, 688, 2, 4, 4, 8192),  # bytes in an 8192-entry vocabulary
+    "tiny-llama3-vocab": (256, 688, 2, 4, 4, 128256),  # CPU default: a small body, Llama 3's vocabulary
     "llama3.2-1b": (2048, 8192, 16, 32, 8, 128256),  # Llama 3.2 1B's shape, random init
 }
 METHODS = ("stock", "fused_cel", "liger")
