@@ -128,12 +128,13 @@ def train_main(argv):
     if stock and "losses" in fused:  # what this run measured, in one sentence
         diff = max(abs(a - b) for a, b in zip(fused["losses"], stock))
         base = results["stock"]
-        saved = 100 * (1 - fused["peak_mib"] / base["peak_mib"])
+        memory = f"peak memory {fused['peak_mib']:.0f} vs {base['peak_mib']:.0f} MiB"
+        if base["peak_mib"] > 0:  # (a run too short to grow the resident set measures 0)
+            saved = 100 * (1 - fused["peak_mib"] / base["peak_mib"])
+            memory += f" ({abs(saved):.0f}% {'less' if saved >= 0 else 'more'})"
         print(
-            f"\nfused_cel against stock: losses equal to {diff:.1e} at every one of {len(stock)} steps; "
-            f"peak memory {fused['peak_mib']:.0f} vs {base['peak_mib']:.0f} MiB ({abs(saved):.0f}% "
-            f"{'less' if saved >= 0 else 'more'}); {fused['tokens_per_s'] / base['tokens_per_s']:.2f}x stock's "
-            f"tokens/s on this {where}"
+            f"\nfused_cel against stock: losses equal to {diff:.1e} at every one of {len(stock)} steps; {memory}; "
+            f"{fused['tokens_per_s'] / base['tokens_per_s']:.2f}x stock's tokens/s on this {where}"
         )
     if args.plot:
         train_demo.plot(results, args.plot)
