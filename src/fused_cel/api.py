@@ -126,8 +126,8 @@ def linear_cross_entropy(
         vocab_start=vocab_start,
         vocab_size=vocab_size,
         reduce_hidden_grad=reduce_hidden_grad,
-        token_stats=return_token_stats,
-        class_weighted=class_weight is not None,
+        return_token_stats=return_token_stats,
+        class_weight=class_weight,
     )
     loss, entropy, extras = _run(hidden, weight, labels, bias, opts, shift, num_items, process_group, class_weight)
     if not return_token_stats:
@@ -202,7 +202,7 @@ def linear_log_probs(
         check_labels=check_labels,
         backend=backend,
         shift=shift,
-        token_stats=any(flags.values()),
+        return_token_stats=any(flags.values()),
     )
     loss, ent, extras = _run(hidden, weight, labels, bias, opts, shift, None, None)
     top, mean, lss = extras if extras is not None else (None, None, None)
@@ -267,12 +267,7 @@ def check_keywords(kwargs: dict) -> None:
     unknown = sorted(set(kwargs) - set(KEYWORDS))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown}; valid: {sorted(KEYWORDS)}")
-    merged = {**KEYWORDS, **kwargs}
-    merged["token_stats"] = merged.pop("return_token_stats")
-    class_weight = merged.pop("class_weight")
-    if class_weight is not None and not isinstance(class_weight, torch.Tensor):
-        raise TypeError(f"class_weight must be a torch.Tensor or None, got {type(class_weight).__name__}")
-    options.make(**merged, class_weighted=class_weight is not None)
+    options.make(**{**KEYWORDS, **kwargs})
 
 
 class FusedLinearCrossEntropyLoss(torch.nn.Module):

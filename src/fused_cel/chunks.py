@@ -80,12 +80,13 @@ def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = No
     f32 = dict(dtype=torch.float32, device=x.device)
     buf = torch.empty((chunk, v_pad), dtype=x.dtype, device=x.device)
     tile_buf, planes = None, 3 if opts.label_smoothing else 2
-    weights = {} if work.class_weight is None else dict(class_weight=work.class_weight)
-    if be.tile_stats and work.loss is not None and work.extras is None and not weights:  # the matmul's statistics
+    weighted = work.class_weight is not None
+    cw = dict(class_weight=work.class_weight, class_weight_sum=work.class_weight_sum) if weighted else {}
+    if be.tile_stats and work.loss is not None and work.extras is None and not weighted:  # the matmul's statistics
         tile_buf = torch.empty(planes * chunk * be.n_tiles(V), **f32)
     shard_stats = None
     if shard is not None and work.loss is not None:  # with the token statistics' sums: 7 a token
-        shard_stats = torch.empty((chunk, (4 if work.extras is None else 7) + len(weights)), **f32)
+        shard_stats = torch.empty((chunk, (4 if work.extras is None else 7) + weighted), **f32)
     target_grad = torch.empty(chunk, **f32) if work.writes_grad else None
     dx_tile = None
     if dx is not None and (dx.dtype != torch.float32 or work.out_scale is not None):
@@ -109,13 +110,13 @@ def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = No
             stats = dict(ent_scale=work.ent_scale[start:end], entropy=work.entropy[start:end])
         tiles = None if tile_buf is None else tile_buf[: planes * rows * be.n_tiles(V)].view(planes, rows, -1)
         be.logits(xc, w_mm, b_mm, logits_mm, tiles, n_valid=V, opts=opts)
-        cw = {} if not weights else dict(weights, class_weight_sum=work.class_weight_sum)
         if loss is None:  # the lse is known: the gradient alone
             be.gradient(logits, tt, lse, scale, tg, opts, **at, **stats, **cw)
         elif shard is None:  # loss, lse and the gradient (if wanted) in one pass
             be.cross_entropy(logits, tt, loss, lse, opts, scale=scale, target_grad=tg, tile_stats=tiles, **stats, **cw)
         else:  # this shard's statistics, combined over the group; then its part of the gradient
-            be.shard_stats(logits, tt, shard_stats[:rows], opts, vocab_start=shard.start, tile_stats=tiles, **weights)
+            be.shard_stats(logits, tt, shard_stats[:rows], opts, vocab_start=shard.start, tile_stats=tiles,
+                           class_weight=work.class_weight)  # fmt: skip
             parallel.combine(shard_stats[:rows], tt, loss, lse, shard, opts, **stats, **cw)
             if tg is not None:
                 be.gradient(logits, tt, lse, scale, tg, opts, **at, **cw)

@@ -6,8 +6,9 @@ fp32 and rounded once (times work.out_scale), so its errors are the default plan
 
   token pass       loss, lse and dX, a few thousand tokens at a time: W in blocks of rows, an
                    online softmax over them (token_sweep), or chunks of whole rows (fused_cel.chunks)
-                   when softcap and label smoothing meet (the smoothing term's derivative then
-                   differs per column);
+                   where the sweep's per-row state does not suffice: softcap with label smoothing
+                   (the smoothing term's derivative then differs per column), class weights, the
+                   token statistics and the entropy's gradient;
   vocabulary pass  dW and db: W in blocks of rows, each block's logits recomputed for all tokens
                    with the known lse (vocab_pass).
 """
@@ -28,7 +29,7 @@ from .plan import Plan
 def run(work: Work, opts: Options, plan: Plan) -> None:
     """The token pass (loss, lse, dX), then the vocabulary pass (dW, db) if they are wanted."""
     token = dataclasses.replace(work, dw=None, db=None)
-    if plan.block_vocab:  # (the plan takes whole rows for the token statistics and the entropy's gradient)
+    if plan.block_vocab:
         token_sweep(token, opts, plan)
     else:
         chunks.run(token, opts, plan)
@@ -54,8 +55,12 @@ def token_sweep(work: Work, opts: Options, plan: Plan) -> None:
     (N, D), V = x.shape, w.shape[0]
     be = backends.get(opts.backend)
     eps, z, cap, ls = opts.label_smoothing, opts.z_loss, opts.softcap, opts.logit_scale
-    if dx is not None and eps and cap is not None or work.class_weight is not None:
-        raise ValueError("token_sweep: softcap with label smoothing, and class weights, need chunks of whole rows")
+    whole_rows = (dx is not None and eps and cap is not None) or work.class_weight is not None
+    if whole_rows or work.extras is not None or work.ent_scale is not None:
+        raise ValueError(
+            "token_sweep: softcap with label smoothing, class weights, the token statistics and the entropy's "
+            "gradient need chunks of whole rows"
+        )
     tokens_max, cols_max = min(plan.chunk_size, N), min(plan.block_vocab, V)
     f32 = dict(dtype=torch.float32, device=x.device)
     buf = torch.empty(tokens_max * cols_max, dtype=x.dtype, device=x.device)

@@ -67,8 +67,8 @@ def make(
     vocab_start=None,
     vocab_size=None,
     reduce_hidden_grad=True,
-    token_stats=False,
-    class_weighted=False,
+    return_token_stats=False,
+    class_weight=None,
 ) -> Options:
     """Check every tensor-free option; return them as Options. What depends on the tensors (the
     backend "auto", compute_dtype, a process group's layout) the caller resolves after this.
@@ -98,11 +98,13 @@ def make(
         memory_budget_mib = _real("memory_budget_mib", memory_budget_mib, lo=0.0, lo_open=True)
         if chunk_size is not None:
             raise ValueError("give chunk_size or memory_budget_mib, not both")
-    for name, flag in (("shift", shift), ("check_labels", check_labels), ("return_token_stats", token_stats)):
+    for name, flag in (("shift", shift), ("check_labels", check_labels), ("return_token_stats", return_token_stats)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if class_weight is not None and not isinstance(class_weight, torch.Tensor):
+        raise TypeError(f"class_weight must be a torch.Tensor or None, got {type(class_weight).__name__}")
     check_num_items(num_items, reduction)
     _check_parallel(process_group, vocab_start, vocab_size, reduce_hidden_grad)
     if process_group is not None and memory_budget_mib is not None:
@@ -121,18 +123,16 @@ def make(
         vocab_start=None if vocab_start is None else int(vocab_start),
         vocab_size=None if vocab_size is None else int(vocab_size),
         reduce_hidden_grad=reduce_hidden_grad,
-        token_stats=token_stats,
-        class_weighted=class_weighted,
+        token_stats=return_token_stats,
+        class_weighted=class_weight is not None,
     )
 
 
 def check_class_weight(class_weight, vocab: int, device) -> None:
-    """class_weight: None, or a floating-point [vocab] tensor on the inputs' device (its values
-    are checked with the labels, in the op: that needs a host sync)."""
+    """class_weight (None, or a tensor: make checked its type) is a floating-point [vocab] tensor
+    on the inputs' device (its values are checked with the labels, in the op: a host sync)."""
     if class_weight is None:
         return
-    if not isinstance(class_weight, torch.Tensor):
-        raise TypeError(f"class_weight must be a torch.Tensor or None, got {type(class_weight).__name__}")
     if not class_weight.is_floating_point():
         raise TypeError(f"class_weight must be a floating-point tensor, got {class_weight.dtype}")
     if class_weight.shape != (vocab,):
