@@ -192,9 +192,8 @@ def _helpers_kernel(in_ptr, out_ptr, n, vocab_total, label_smoothing, z_loss, lo
         d = common.softmax_grad(u, m, log_s, a, label_smoothing, vocab_total, 1.0)
     tl.store(out_ptr + 4 * n + offs, d, mask=mask)
     tl.store(out_ptr + 5 * n + offs, common.entropy_grad(u, m, log_s, u_y), mask=mask)
-    # token_stats with log_s and u_sum standing in for s and c, z for s2 and u_y for mb
-    entropy, top1, mean_u, log_sum_sq = common.token_stats(m, tl.exp(log_s), log_s, u_sum, u_sum, tl.exp(z), u_y,
-                                                           u, vocab_total)  # fmt: skip
+    # token_stats with u_sum standing in for E_p[u - m], exp(z) for sum p**2 and u_y for mb
+    entropy, top1, mean_u, log_sum_sq = common.token_stats(m, log_s, u_sum, u_sum, tl.exp(z), u_y, u, vocab_total)
     tl.store(out_ptr + 6 * n + offs, entropy, mask=mask)
     tl.store(out_ptr + 7 * n + offs, tl.where(top1, 1.0, 0.0), mask=mask)
     tl.store(out_ptr + 8 * n + offs, mean_u, mask=mask)
@@ -240,7 +239,7 @@ def test_helpers_match_twins(opts, weighted):
         "softmax_grad": twin.softmax_grad(u, m, log_s, a, opts.label_smoothing, V, w if weighted else 1.0),
         "entropy_grad": twin.entropy_grad(u, m, log_s, u_y),
     }
-    stats = twin.token_stats(m, log_s.exp(), log_s, u_sum, u_sum, z.exp(), u_y, u, V)
+    stats = twin.token_stats(m, log_s, u_sum, u_sum, z.exp(), u_y, u, V)
     want.update(entropy=stats[0], top1=stats[1].float(), mean_logit=stats[2], log_sum_sq=stats[3])
     if opts.softcap is not None:
         want["softcap_grad"] = twin.softcap_grad(u, 1.0 / opts.softcap)

@@ -59,9 +59,10 @@ def merge_tiles(tiles, m, s, u_sum):
     return m, s, (u_sum + tiles[2].sum(-1) if len(tiles) == 3 else u_sum)
 
 
-def token_stats(m, s, log_s, u_sum, c, s2, mb, u_y, vocab_total):
-    """(entropy, whether the target is the first argmax, mean logit, log sum p**2)."""
-    return log_s - c / s, (u_y >= m) & (u_y > mb), u_sum / vocab_total, torch.log(s2) - 2.0 * log_s
+def token_stats(m, log_s, u_sum, pu, p2, mb, u_y, vocab_total):
+    """(entropy, whether the target is the first argmax, mean logit, log sum p**2); pu = E_p[u - m],
+    p2 = sum of p**2."""
+    return log_s - pu, (u_y >= m) & (u_y > mb), u_sum / vocab_total, torch.log(p2)
 
 
 def token_loss(m, log_s, u_sum, u_y, vocab_total, label_smoothing, z_loss, w_y=None, w_total=None):
@@ -141,7 +142,7 @@ def store_loss(loss, lse, m, log_s, u_sum, u_y, targets, vocab_total, opts: Opti
 def store_stats(entropy, extras, m, s, log_s, u_sum, c, s2, mb, u_y, targets, vocab_total, opts: Options) -> None:
     """entropy, extras <- each token's statistics, as the kernels' pass 1 stores them: 0 (False)
     where the label is ignored, top-1 False for a label outside [0, vocab_total)."""
-    ent, top1, mean_u, log_sum_sq = token_stats(m, s, log_s, u_sum, c, s2, mb, u_y, vocab_total)
+    ent, top1, mean_u, log_sum_sq = token_stats(m, log_s, u_sum, c / s, s2 / (s * s), mb, u_y, vocab_total)
     y = targets.long()
     ignored, valid = y == opts.ignore_index, (y >= 0) & (y < vocab_total)
     entropy.copy_(torch.where(ignored, 0.0, ent))

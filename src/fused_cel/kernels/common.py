@@ -117,13 +117,12 @@ def stats_of_row(row_ptr, V, local, tile_ptr, row, n_tiles, plane, w_ptr, logit_
 
 
 @triton.jit
-def token_stats(m, s, log_s, u_sum, c, s2, mb, u_y, vocab_total):
+def token_stats(m, log_s, u_sum, pu, p2, mb, u_y, vocab_total):
     """(entropy, whether the target is the first argmax, mean logit, log sum p**2) of a token
-    from its row's statistics. The entropy is lse - E_p[u] = log s - c / s: no cancellation
-    when one class takes nearly all the mass."""
-    entropy = log_s - c / s
-    top1 = (u_y >= m) & (u_y > mb)
-    return entropy, top1, u_sum / vocab_total, tl.log(s2) - 2.0 * log_s
+    from its row's statistics: pu = E_p[u - m], p2 = sum of p**2, mb = the max of the columns
+    before the target's. The entropy is lse - E_p[u] = log s - E_p[u - m]: no cancellation when
+    one class takes nearly all the mass."""
+    return log_s - pu, (u_y >= m) & (u_y > mb), u_sum / vocab_total, tl.log(p2)
 
 
 @triton.jit
@@ -183,13 +182,18 @@ def softcap_grad(u, inv_cap):
 @triton.jit
 def write_grad(row_ptr, V, local, m, log_s, p_coef, coef, label_smoothing, vocab_total, logit_scale, softcap,
                ent_coef, mean_u, w_ptr, HAS_SOFTCAP: tl.constexpr, ENT_GRAD: tl.constexpr, WEIGHTED: tl.constexpr,
-               BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
+               STATS: tl.constexpr, BLOCK_V: tl.constexpr, ROUND_BF16: tl.constexpr):  # fmt: skip
     """Overwrite a row, in place and in its own dtype, with coef * dloss/du * du/dz (plus, with
     ENT_GRAD, ent_coef * dH/du * du/dz, H the entropy); the target column (``local``, if in the
     row) is written 0: its gradient leaves as one fp32 number. WEIGHTED: w_ptr holds the
-    columns' class weights."""
+    columns' class weights. Returns, with STATS, the token statistics' sums (E_p[u - m], sum of
+    p**2, the max of the columns before the target's), else zeros."""
     if HAS_SOFTCAP:
         inv_cap = 1.0 / softcap  # one division per row, not per element
+    # Per lane, reduced once after the loop: the p the gradient needs anyway makes them cheap.
+    pu_v = tl.zeros((BLOCK_V,), tl.float32)
+    p2_v = tl.zeros((BLOCK_V,), tl.float32)
+    mb_v = tl.full((BLOCK_V,), float("-inf"), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
@@ -199,6 +203,11 @@ def write_grad(row_ptr, V, local, m, log_s, p_coef, coef, label_smoothing, vocab
             w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         else:
             w = 1.0
+        if STATS:
+            p = tl.where(mask, tl.exp((u - m) - log_s), 0.0)
+            pu_v += p * (u - m)
+            p2_v += p * p
+            mb_v = tl.maximum(mb_v, tl.where(cols < local, u, float("-inf")))
         d = softmax_grad(u, m, log_s, p_coef, label_smoothing, vocab_total, w)
         d = tl.where(cols == local, 0.0, d)
         if HAS_SOFTCAP:
@@ -213,6 +222,14 @@ def write_grad(row_ptr, V, local, m, log_s, p_coef, coef, label_smoothing, vocab
         if ROUND_BF16:
             d = round_bf16(d)
         tl.store(row_ptr + cols, d.to(row_ptr.dtype.element_ty), mask=mask)
+    pu = tl.zeros((), tl.float32)
+    p2 = tl.zeros((), tl.float32)
+    mb = tl.full((), float("-inf"), tl.float32)
+    if STATS:
+        pu = tl.sum(pu_v, axis=0)
+        p2 = tl.sum(p2_v, axis=0)
+        mb = tl.max(mb_v, axis=0)
+    return pu, p2, mb
 
 
 @triton.jit
@@ -231,14 +248,16 @@ def round_bf16(x):
     return tl.where(x != x, x.to(tl.bfloat16), rounded)
 
 
-def launch_rows(kernel, logits, *args, **meta) -> None:
+def launch_rows(kernel, logits, *args, block_max=4096, warps=None, **meta) -> None:
     """Launch a row kernel: one program per row of ``logits`` (unit column stride), whose first
-    arguments are the logits and their row stride, then ``args``; BLOCK_V columns a step."""
+    arguments are the logits and their row stride, then ``args``; BLOCK_V columns a step (at most
+    block_max), with ``warps`` warps (by default 8 from 2048 columns a step, else 4)."""
     rows, V = logits.shape
     if rows == 0:
         return
-    block = min(triton.next_power_of_2(V), 4096)
-    kernel[(rows,)](logits, logits.stride(0), *args, BLOCK_V=block, num_warps=8 if block >= 2048 else 4, **meta)
+    block = min(triton.next_power_of_2(V), block_max)
+    warps = warps or (8 if block >= 2048 else 4)
+    kernel[(rows,)](logits, logits.stride(0), *args, BLOCK_V=block, num_warps=warps, **meta)
 
 
 def tile_args(tile_stats) -> tuple:

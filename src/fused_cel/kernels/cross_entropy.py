@@ -9,6 +9,9 @@ One program per token (a row of the chunk), walking the vocabulary BLOCK_V colum
           fp32 number per token (target_grad). The caller folds it into dX, dW and db in fp32:
           the target entries are the gradient's largest, and rounding them to bf16 (as plain
           PyTorch does) puts a systematic error into every gradient.
+The token statistics (STATS: entropy, top-1, mean logit, log sum p**2) come from pass 2 where
+there is one (the p it computes for the gradient, summed per lane: a few operations a column),
+else from pass 1 (three more sums and a max there).
 Row offsets are 64-bit. Ignored tokens get loss 0 and gradient 0; a label outside [0, V) that is
 not ignore_index gets a NaN loss (never an out-of-bounds read).
 """
@@ -27,7 +30,8 @@ from . import common
         **common.TILES,
         **common.WEIGHTED,
         "WRITE_GRAD": lambda a: a["target_grad_ptr"] is not None,  # pass 2
-        "STATS": lambda a: a["entropy_ptr"] is not None,  # the token statistics
+        "STATS": lambda a: a["entropy_ptr"] is not None,  # the token statistics ...
+        "ROW_STATS": lambda a: a["entropy_ptr"] is not None and a["target_grad_ptr"] is None,  # ... from pass 1
         **common.ROUND_BF16,
     }
 )
@@ -62,6 +66,7 @@ def _cross_entropy_kernel(
     COLUMN_WEIGHTS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     STATS: tl.constexpr,
+    ROW_STATS: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     BLOCK_V: tl.constexpr,  # columns per step
 ):
@@ -77,7 +82,7 @@ def _cross_entropy_kernel(
         w_total = tl.load(w_total_ptr)
     m, s, u_sum, c, s2, mb, uw = common.stats_of_row(row_ptr, V, target, tile_ptr, row, n_tiles, tile_plane, w_ptr,
                                                      logit_scale, softcap, HAS_SOFTCAP, TILE_STATS, TILE_SUM, BLOCK_T,
-                                                     STATS, COLUMN_WEIGHTS, BLOCK_V)  # fmt: skip
+                                                     ROW_STATS, COLUMN_WEIGHTS, BLOCK_V)  # fmt: skip
     log_s = tl.log(s)
     lse = m + log_s
     if WEIGHTED:  # the smoothing term weighs each column
@@ -87,13 +92,7 @@ def _cross_entropy_kernel(
     loss = tl.where(valid, loss, float("nan"))
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
     tl.store(lse_ptr + row, lse)
-    if STATS:
-        entropy, top1, mean_u, log_sum_sq = common.token_stats(m, s, log_s, u_sum, c, s2, mb, u_y, V)
-        tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))
-        tl.store(extras_ptr + row * 3, tl.where(valid & (target != ignore_index) & top1, 1.0, 0.0))
-        tl.store(extras_ptr + row * 3 + 1, tl.where(ignored, 0.0, mean_u))
-        tl.store(extras_ptr + row * 3 + 2, tl.where(ignored, 0.0, log_sum_sq))
-
+    pu, p2 = c / s, s2 / (s * s)  # the statistics from pass 1 (ROW_STATS); pass 2 gives them otherwise
     if WRITE_GRAD:
         coef = tl.load(scale_ptr + row * scale_stride).to(tl.float32) * logit_scale
         coef = tl.where(valid & (target != ignore_index), coef, 0.0)
@@ -102,8 +101,15 @@ def _cross_entropy_kernel(
             g_y = g_y * common.softcap_grad(u_y, 1.0 / softcap)
         tl.store(target_grad_ptr + row, tl.where(valid, g_y * coef, 0.0))
         a = common.p_coef(lse, V, label_smoothing, z_loss, w_y, w_total, WEIGHTED)
-        common.write_grad(row_ptr, V, target, m, log_s, a, coef, label_smoothing, V, logit_scale, softcap, 0.0, 0.0,
-                          w_ptr, HAS_SOFTCAP, False, COLUMN_WEIGHTS, BLOCK_V, ROUND_BF16)  # fmt: skip
+        pu, p2, mb = common.write_grad(row_ptr, V, target, m, log_s, a, coef, label_smoothing, V, logit_scale, softcap,
+                                       0.0, 0.0, w_ptr, HAS_SOFTCAP, False, COLUMN_WEIGHTS, STATS, BLOCK_V,
+                                       ROUND_BF16)  # fmt: skip
+    if STATS:
+        entropy, top1, mean_u, log_sum_sq = common.token_stats(m, log_s, u_sum, pu, p2, mb, u_y, V)
+        tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))
+        tl.store(extras_ptr + row * 3, tl.where(valid & (target != ignore_index) & top1, 1.0, 0.0))
+        tl.store(extras_ptr + row * 3 + 1, tl.where(ignored, 0.0, mean_u))
+        tl.store(extras_ptr + row * 3 + 2, tl.where(ignored, 0.0, log_sum_sq))
 
 
 def cross_entropy(
@@ -131,6 +137,11 @@ def cross_entropy(
     token's entropy, and whether its target is the first argmax (1 or 0), its mean logit and
     log sum p**2, all 0 where ignored (not with tile_stats). ``class_weight`` ([V] fp32) and
     ``class_weight_sum`` ([1] fp32): F.cross_entropy's weight= (not with tile_stats)."""
+    # The statistics' extra work a column makes the kernel compute-bound: shorter steps and fewer
+    # warps keep more rows in flight (experiments/stats-lanes)
+    shape = {}
+    if entropy is not None:
+        shape = dict(block_max=1024, warps=4) if target_grad is not None else dict(block_max=512, warps=1)
     common.launch_rows(
         _cross_entropy_kernel,
         logits,
@@ -151,4 +162,5 @@ def cross_entropy(
         opts.z_loss,
         opts.softcap,
         opts.logit_scale,
+        **shape,
     )

@@ -79,7 +79,7 @@ def _gradient_kernel(
     tl.store(target_grad_ptr + row, tl.where(here, g_y, 0.0))
     a = common.p_coef(lse, vocab_total, label_smoothing, z_loss, w_y, w_total, WEIGHTED)
     common.write_grad(row_ptr, V, local, lse, 0.0, a, coef, label_smoothing, vocab_total, logit_scale, softcap,
-                      ent_coef, mean_u, w_cols, HAS_SOFTCAP, ENT_GRAD, COLUMN_WEIGHTS, BLOCK_V,
+                      ent_coef, mean_u, w_cols, HAS_SOFTCAP, ENT_GRAD, COLUMN_WEIGHTS, False, BLOCK_V,
                       ROUND_BF16)  # fmt: skip
 
 

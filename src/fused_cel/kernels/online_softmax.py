@@ -54,7 +54,7 @@ def _online_softmax_kernel(
         valid = (target >= 0) & (target < vocab_total)
         coef = tl.where(valid & (target != ignore_index), logit_scale, 0.0)
         common.write_grad(row_ptr, V, local, m, 0.0, 1.0, coef, 0.0, vocab_total, logit_scale, softcap, 0.0, 0.0,
-                          None, HAS_SOFTCAP, False, False, BLOCK_V, ROUND_BF16)  # fmt: skip
+                          None, HAS_SOFTCAP, False, False, False, BLOCK_V, ROUND_BF16)  # fmt: skip
 
 
 def online_softmax(logits, targets, running, alpha, opts, *, vocab_start, vocab_total, write_p) -> None:
