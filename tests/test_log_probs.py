@@ -6,8 +6,17 @@ within the dtype's rounding (counted and bounded); mean logit and log sum p**2."
 import pytest
 import torch
 
-from fused_cel import linear_cross_entropy, linear_log_probs, linear_log_probs_reference, low_memory
-from helpers import BACKENDS, LOW, assert_close_to_baseline, leaves, make_inputs, rel_err, spy_calls
+from fused_cel import linear_cross_entropy, linear_log_probs, linear_log_probs_reference, low_memory, op
+from helpers import (
+    BACKENDS,
+    LOW,
+    assert_close_to_baseline,
+    count_chunk_loops,
+    leaves,
+    make_inputs,
+    rel_err,
+    spy_calls,
+)
 
 NAMES = ("log_probs", "entropy", "top1", "mean_logit", "log_sum_sq_probs")
 TRANSFORM = ("ignore_index", "softcap", "logit_scale", "temperature", "shift")
@@ -117,6 +126,64 @@ def test_entropy_alone_is_differentiable(backend):
     ins, ref = reference((hidden, weight, bias, labels), torch.float64, (True, False, False), {})
     ref[1].sum().backward()
     assert rel_err(x.grad, ins[0].grad) < 1e-5
+
+
+UNIFORM = [{}, {"shift": True, "softcap": 5.0}, {"temperature": 0.7, "logit_scale": 1.5}]
+
+
+@pytest.mark.parametrize("opts", UNIFORM, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uniform_grad_for_an_nll_mean(backend, dtype, opts, monkeypatch):
+    """uniform_grad=True (SFT's loss: minus the mean log-prob over the counted tokens): the
+    gradients come from the forward pass (one loop over the chunks, writing dX, dW, db; no
+    backward op), as close to float64 as plain PyTorch's; log-probs and statistics as without."""
+    loops = count_chunk_loops(monkeypatch)
+    backward_ops = spy_calls(monkeypatch, op, "backward_op", lambda args, kwargs: 1)
+    inputs = make_inputs((4, 32), 40, 300)
+    ours_in = leaves(inputs[:3], dtype, (True, True, True))
+    ours = linear_log_probs(*ours_in[:2], inputs[3], ours_in[2], backend=backend, chunk_size=48, **ALL,
+                            uniform_grad=True, **opts)  # fmt: skip
+    assert loops == [(True, True, True)] and not ours.entropy.requires_grad
+    base_in, base = reference(inputs, dtype, (True, True, True), opts)
+    ref_in, ref = reference(inputs, torch.float64, (True, True, True), opts)
+    counted = (base[0] != 0).sum()
+    for lp in (ours.log_probs, base[0], ref[0]):
+        (-lp.sum() / counted).backward()
+    assert not backward_ops
+    n = inputs[3].numel()
+    for i in (0, 1, 3, 4):
+        assert_close_to_baseline(NAMES[i], ours[i].detach(), base[i].detach(), ref[i].detach(), dtype, n)
+    for name, o, b, r in zip(("d_hidden", "d_weight", "d_bias"), ours_in, base_in, ref_in):
+        assert_close_to_baseline(name, o.grad, b.grad, r.grad, dtype, n)
+
+
+def test_uniform_grad_under_compile():
+    """One op in a fullgraph compile; the same gradients as eager."""
+    hidden, weight, bias, labels = make_inputs((2, 12), 16, 200)
+
+    def loss(x):
+        return -linear_log_probs(x, weight, labels, bias, uniform_grad=True, backend="torch").log_probs.sum()
+
+    grads = []
+    for fn in (loss, torch.compile(loss, fullgraph=True)):
+        x = hidden.clone().requires_grad_()
+        fn(x).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_grad_refuses_a_weighted_loss():
+    """A broken promise (per-token weights, as DFT's) raises (on the CPU in backward, on a GPU at
+    the next call, without a host sync of its own); so does a non-bool."""
+    hidden, weight, bias, labels = make_inputs((2, 12), 16, 200)
+    x = hidden.clone().requires_grad_()
+    out = linear_log_probs(x, weight, labels, bias, uniform_grad=True, backend="torch")
+    with pytest.raises(RuntimeError, match=r"uniform_grad=True, but the log-probabilities' grad_output was not"):
+        (out.log_probs * torch.rand_like(out.log_probs)).sum().backward()
+        linear_log_probs(hidden, weight, labels, bias, backend="torch")  # a GPU's check: the next label check
+    with pytest.raises(TypeError, match=r"uniform_grad must be a bool, got int"):
+        linear_log_probs(hidden, weight, labels, uniform_grad=1)
 
 
 REDUCTIONS = [

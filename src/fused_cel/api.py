@@ -170,6 +170,7 @@ def linear_log_probs(
     top1: bool = False,
     mean_logit: bool = False,
     log_sum_sq_probs: bool = False,
+    uniform_grad: bool = False,
     chunk_size: int | None = None,
     memory_budget_mib: float | None = None,
     check_labels: bool = True,
@@ -184,6 +185,12 @@ def linear_log_probs(
     log_sum_sq_probs (log sum_v p_v**2, as TRL's DPO and KTO log them; no gradient) come from the
     same pass when asked for. Ignored positions give 0 (False). With shift=True the outputs have
     the shape labels[..., 1:]. The other arguments are linear_cross_entropy's.
+
+    uniform_grad=True promises that log_probs' grad_output is one value at every counted token
+    (an NLL sum or mean, as SFT's): the gradients are then computed in the forward pass with the
+    loss's 3 matmuls instead of 4, and scaled by that value in backward; the entropy has no
+    gradient then. A broken promise raises: on the CPU in backward, on a GPU (no host sync) at the
+    next call's label check.
     """
     flags = dict(entropy=entropy, top1=top1, mean_logit=mean_logit, log_sum_sq_probs=log_sum_sq_probs)
     for name, flag in flags.items():
@@ -203,6 +210,7 @@ def linear_log_probs(
         backend=backend,
         shift=shift,
         return_token_stats=any(flags.values()),
+        uniform_grad=uniform_grad,
     )
     loss, ent, extras = _run(hidden, weight, labels, bias, opts, shift, None, None)
     top, mean, lss = extras if extras is not None else (None, None, None)

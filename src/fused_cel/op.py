@@ -27,6 +27,7 @@ import dataclasses
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import backends, chunks, low_memory, parallel, plan
 from .options import Options
@@ -94,7 +95,7 @@ def _forward_fake(hidden, weight, bias, targets, divisor, class_weight, *args):
     loss = torch.empty((N,) if opts.reduction == "none" else (), **f32)
     stats = (torch.empty(N, **f32), torch.empty((N, 3), **f32)) if opts.token_stats else (None, None)
     grads = (None, None, None)
-    if opts.reduction != "none" and any(need):
+    if _grads_in_forward(opts) and any(need):
         p = plan.choose(opts, hidden, weight, bias, need)
         grads = _empty_grads(hidden, weight, need, p.grad_dtypes(hidden.dtype, weight.dtype))
     return loss, torch.empty(N, **f32), *_placeholders(stats, hidden.device), *_placeholders(grads, hidden.device)
@@ -109,21 +110,22 @@ def _setup_context(ctx, inputs, output):
     ctx.opts, ctx.need = _unflatten(args)
     ctx.n_inputs = len(inputs)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    if ctx.opts.reduction == "none":  # the entropy (when computed) is differentiable
+    if not _grads_in_forward(ctx.opts):  # the entropy (when computed) is differentiable
         stats = ctx.opts.token_stats
         ctx.mark_non_differentiable(lse, extras, *grads, *(() if stats else (entropy,)))
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if stats else None, class_weight)
         return
     ctx.mark_non_differentiable(lse, entropy, extras, *grads)
     ctx.prescaled = plan.choose(ctx.opts, hidden, weight, bias, ctx.need).prescaled
-    ctx.save_for_backward(*(g if n else None for g, n in zip(grads, ctx.need)), divisor)
+    counted = targets if ctx.opts.uniform_grad else None  # where the one grad_output value is read
+    ctx.save_for_backward(*(g if n else None for g, n in zip(grads, ctx.need)), divisor, counted)
     ctx.consumed = False
 
 
 @torch.autograd.function.once_differentiable
 def _backward(ctx, grad_loss, _, grad_entropy, *__):
     """Gradients of hidden, weight and bias (None for the other inputs)."""
-    if ctx.opts.reduction == "none":
+    if not _grads_in_forward(ctx.opts):
         hidden, weight, bias, targets, lse, entropy, class_weight = ctx.saved_tensors
         if entropy is None:  # the placeholder's
             grad_entropy = None
@@ -141,7 +143,9 @@ def _backward(ctx, grad_loss, _, grad_entropy, *__):
                 "consumed by the first backward (retain_graph=True is not supported)"
             )
         ctx.consumed = True
-        *grads, divisor = ctx.saved_tensors
+        *grads, divisor, targets = ctx.saved_tensors
+        if ctx.opts.uniform_grad:  # per-token grad_output, one value at every counted token
+            grad_loss = _uniform_value(grad_loss, targets, ctx.opts.ignore_index)
         # Each gradient times grad_output (and 1/divisor unless applied in forward), rounded once
         # to its own dtype; one already in its dtype is scaled in place (forward's buffers,
         # private to the op, are consumed).
@@ -155,6 +159,40 @@ def _backward(ctx, grad_loss, _, grad_entropy, *__):
 
 
 forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _grads_in_forward(opts: Options) -> bool:
+    """Whether the forward pass computes the gradients (then backward scales them): "mean" and
+    "sum", and "none" with uniform_grad."""
+    return opts.reduction != "none" or opts.uniform_grad
+
+
+# uniform_grad's promise, checked on the GPU without a host sync: each backward's flag (its
+# grad_output differed between counted tokens) waits here for the next label check's sync.
+_broken_promises: list[Tensor] = []
+
+
+def _uniform_value(grad: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    """The one value of a per-token grad_output at the counted tokens (0 if none), and its check:
+    on the CPU at once, on a GPU at the next call's label check, in a compiled graph an assertion."""
+    counted = targets != ignore_index
+    grad = grad.reshape(-1).float()
+    value = (grad * counted).sum() / counted.sum().clamp(min=1)
+    broken = (((grad - value).abs() > 1e-6 * value.abs()) & counted).any()
+    if torch.compiler.is_compiling() or is_fake(grad):  # traced: an assertion in the graph (a GPU's: device-side)
+        torch._assert_async(~broken, _BROKEN)
+    elif grad.device.type == "cpu":
+        if broken:
+            raise RuntimeError(_BROKEN)
+    else:
+        _broken_promises.append(broken[None])
+    return value
+
+
+_BROKEN = (
+    "fused_cel: uniform_grad=True, but the log-probabilities' grad_output was not the same at every counted "
+    "token (e.g. a weighted loss): the gradients scaled from one value are wrong; call without uniform_grad"
+)
 
 
 @torch.library.custom_op(
@@ -203,7 +241,7 @@ def _forward(hidden, weight, bias, targets, divisor, class_weight, opts: Options
     work.with_class_weight(class_weight)
     if opts.token_stats:
         work.entropy, work.extras = torch.empty(N, **f32), torch.empty((N, 3), **f32)
-    if opts.reduction == "none" or not any(need):
+    if not _grads_in_forward(opts) or not any(need):
         need = (False, False, False)
     p = plan.choose(opts, hidden, weight, bias, need)
     grads = _empty_grads(x, w, need, p.grad_dtypes(hidden.dtype, weight.dtype))
@@ -249,8 +287,15 @@ def check_inputs(targets: Tensor, vocab: int, ignore_index: int, class_weight: T
     if class_weight is not None:
         bad_weight = ~(torch.isfinite(class_weight) & (class_weight >= 0))
         flags = torch.cat([flags, bad_weight.any()[None]])
+    promises = [f for f in _broken_promises if f.device == targets.device]
+    if promises:
+        _broken_promises[:] = [f for f in _broken_promises if f.device != targets.device]
+        broken = torch.cat(promises).any()[None]
+        flags = torch.cat([flags, broken])
     if not flags.any():
         return
+    if promises and broken:
+        raise RuntimeError(_BROKEN + " (an earlier backward on this device)")
     if bad_label.any():
         value = int(targets[bad_label][0])
         raise ValueError(

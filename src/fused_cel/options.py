@@ -42,6 +42,7 @@ class Options:
     # Outputs.
     token_stats: bool = False  # per-token entropy, top-1, mean logit and log sum p**2
     class_weighted: bool = False  # a class_weight tensor comes with the call
+    uniform_grad: bool = False  # "none" whose grad_output is one value at every counted token (an NLL mean)
 
     def vocab_total(self, rows: int) -> int:
         """The whole vocabulary, for a weight of ``rows`` rows (this rank's, if sharded)."""
@@ -69,6 +70,7 @@ def make(
     reduce_hidden_grad=True,
     return_token_stats=False,
     class_weight=None,
+    uniform_grad=False,
 ) -> Options:
     """Check every tensor-free option; return them as Options. What depends on the tensors (the
     backend "auto", compute_dtype, a process group's layout) the caller resolves after this.
@@ -98,7 +100,8 @@ def make(
         memory_budget_mib = _real("memory_budget_mib", memory_budget_mib, lo=0.0, lo_open=True)
         if chunk_size is not None:
             raise ValueError("give chunk_size or memory_budget_mib, not both")
-    for name, flag in (("shift", shift), ("check_labels", check_labels), ("return_token_stats", return_token_stats)):
+    flags = dict(shift=shift, check_labels=check_labels, return_token_stats=return_token_stats)
+    for name, flag in {**flags, "uniform_grad": uniform_grad}.items():
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if backend not in BACKENDS:
@@ -125,6 +128,7 @@ def make(
         reduce_hidden_grad=reduce_hidden_grad,
         token_stats=return_token_stats,
         class_weighted=class_weight is not None,
+        uniform_grad=uniform_grad,
     )
 
 
