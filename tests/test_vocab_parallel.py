@@ -40,6 +40,10 @@ CASES = {
     "no_grad": {},
     # class weights (every rank passes the whole vocabulary's), with label smoothing
     "class_weight": {"class_weight": torch.linspace(0.0, 2.0, V), "label_smoothing": 0.1, "z_loss": 1e-3},
+    # a budget that cuts the 40 tokens into chunks of 11-37 (the same on every rank: the shared V)
+    "budget": {"memory_budget_mib": 0.025, "reduction": "sum"},
+    # tighter: on 2 ranks in bf16 the plan rounds dX chunk by chunk, after the group's fp32 sum
+    "budget_round_dx": {"memory_budget_mib": 0.0195},
 }
 NO_BIAS = {"frozen_weight_no_bias"}
 # The Triton interpreter costs ~0.3 s a call: the kernel's shard paths (statistics mode, columns
@@ -106,15 +110,23 @@ def _rank_work(rank, world, inputs):
             b = None if name in NO_BIAS else bias[lo:hi]
             trainable = (True, name not in NO_BIAS, True)
             args = (hidden, weight[lo:hi], b, labels[name], grads[name], dtype, backend, opts)
-            if name == "no_grad":
-                with torch.no_grad():
-                    out = compute(*args, trainable=(False, False, False), **kw)
-            else:
-                out = compute(*args, trainable=trainable, **kw)
+            combine, combined = fused_cel.parallel.combine, []
+            if name.startswith("budget"):  # one combine a chunk: count the chunks this rank cut
+                fused_cel.parallel.combine = lambda *a, c=combine, n=combined, **k: n.append(1) or c(*a, **k)
+            try:
+                if name == "no_grad":
+                    with torch.no_grad():
+                        out = compute(*args, trainable=(False, False, False), **kw)
+                else:
+                    out = compute(*args, trainable=trainable, **kw)
+            finally:
+                fused_cel.parallel.combine = combine
             results[name, backend, str(dtype)] = out
+            if name.startswith("budget"):
+                results["chunks", name, str(dtype)] = len(combined)
     # Bad input must fail on every rank with a clear error, never hang a collective.
     errors = []
-    for bad in (dict(hidden=hidden[:, : T - rank]), dict(vocab_start=V - 1)):
+    for bad in (dict(hidden=hidden[:, : T - rank]), dict(vocab_start=V - 1), dict(memory_budget_mib=1e-4)):
         h = bad.get("hidden", hidden)
         try:
             fused_cel.linear_cross_entropy(
@@ -123,6 +135,7 @@ def _rank_work(rank, world, inputs):
                 labels["mean"][:, : h.shape[1]],
                 process_group=group,
                 vocab_start=bad.get("vocab_start"),
+                memory_budget_mib=bad.get("memory_budget_mib"),
             )
             errors.append(None)
         except ValueError as e:
@@ -162,7 +175,7 @@ def test_matches_single_process(world_run, case, backend, dtype):
     if case == "no_grad":
         trainable = (False, False, False)
     single = compute(*args, dtype, backend, opts, trainable=trainable)
-    ref_opts = {k: v for k, v in opts.items() if k != "chunk_size"}
+    ref_opts = {k: v for k, v in opts.items() if k not in ("chunk_size", "memory_budget_mib")}
     plain = compute(*args, dtype, None, ref_opts, trainable=trainable, compute_dtype=torch.float32)
     ref = compute(*args, torch.float64, None, ref_opts, trainable=trainable, compute_dtype=torch.float64)
     n_tokens = labels[case].numel()
@@ -179,9 +192,20 @@ def test_matches_single_process(world_run, case, backend, dtype):
 def test_bad_input_fails_on_every_rank(world_run):
     world, _, ranks = world_run
     for r, res in enumerate(ranks):
-        tokens_msg, start_msg = res["errors"]
+        tokens_msg, start_msg, budget_msg = res["errors"]
         assert tokens_msg is not None and "same tokens" in tokens_msg, f"rank {r}: {tokens_msg}"
         assert start_msg is not None and "must lie in the vocabulary" in start_msg, f"rank {r}: {start_msg}"
+        assert budget_msg is not None and "a vocabulary shard has no low-memory plan" in budget_msg, budget_msg
+
+
+@pytest.mark.parametrize("case", ["budget", "budget_round_dx"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_budget_cuts_the_same_chunks_on_every_rank(world_run, dtype, case):
+    """memory_budget_mib with a process group: every rank plans from the shared vocabulary share
+    and the same budget, so all cut the same chunks (a mismatch would hang a collective)."""
+    _, _, ranks = world_run
+    chunks = [res["chunks", case, str(dtype)] for res in ranks]
+    assert len(set(chunks)) == 1 and chunks[0] > 1, chunks
 
 
 def _compiled_rank_work(rank, world, inputs):

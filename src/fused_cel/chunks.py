@@ -129,7 +129,8 @@ def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = No
             dxc = dx[start:end] if dx_tile is None else dx_tile[:rows]
             be.mm(logits_mm, w_mm, out=dxc)
             be.fold(dxc, None, w, y, tg)
-            if dx_tile is not None:
+            if dx_tile is not None:  # summed over the group in fp32, before its one rounding
+                parallel.reduce_hidden_grad(dxc, shard)
                 be.round_into(dx[start:end], dxc, work.out_scale)
         if dw is not None:
             be.mm(logits.t(), xc, out=dw, accumulate=start > 0)
@@ -137,4 +138,5 @@ def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = No
         if db is not None:
             db.add_(logits.sum(0, dtype=torch.float32))
             db.index_add_(0, y, tg)
-    parallel.reduce_hidden_grad(dx, shard)
+    if dx_tile is None:
+        parallel.reduce_hidden_grad(dx, shard)

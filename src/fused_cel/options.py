@@ -110,8 +110,6 @@ def make(
         raise TypeError(f"class_weight must be a torch.Tensor or None, got {type(class_weight).__name__}")
     check_num_items(num_items, reduction)
     _check_parallel(process_group, vocab_start, vocab_size, reduce_hidden_grad)
-    if process_group is not None and memory_budget_mib is not None:
-        raise ValueError("memory_budget_mib is not supported with process_group yet")
     return Options(
         ignore_index=int(ignore_index),
         reduction=reduction,

@@ -79,13 +79,15 @@ def choose(opts: Options, hidden, weight, bias, need) -> Plan:
     gradients ``need`` asks for. Reads only shapes and dtypes, so that the op's fake
     implementation gets the same plan."""
     (N, D), V = hidden.shape, weight.shape[0]
-    if opts.group_name is not None:  # every rank must cut the same chunks: plan from what all ranks share
+    grouped = opts.group_name is not None
+    if grouped:  # every rank must cut the same chunks: plan from what all ranks share
         V = -(-opts.vocab_size // torch.distributed.get_world_size(parallel.Shard.of(opts).group))
-        need = (need[0], False, False)
-    auto = auto_chunk_size(N, V, D, hidden.device, opts.backend, need[1])
+    auto = auto_chunk_size(N, V, D, hidden.device, opts.backend, need[1] and not grouped)
     if opts.memory_budget_mib is None:
         return Plan(chunk_size=opts.chunk_size or auto)
     dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    if grouped:  # (as if dW and db were wanted on every rank: a frozen shard plans like the others)
+        need = (need[0], True, bias is not None)
     fp32 = [n and dt != torch.float32 for n, dt in zip(need, dtypes)]
     return fit(
         N,
@@ -104,6 +106,7 @@ def choose(opts: Options, hidden, weight, bias, need) -> Plan:
         token_sweep=not (need[0] and opts.softcap is not None and opts.label_smoothing > 0)
         and not (opts.token_stats or opts.class_weighted),
         fp32_dx_sum=need[0],
+        chunks_only=grouped,
     )
 
 
@@ -133,6 +136,7 @@ def fit(
     fold_temps: bool = True,
     token_sweep: bool = True,
     fp32_dx_sum: bool | None = None,
+    chunks_only: bool = False,
 ) -> Plan:
     """The fastest plan whose working memory fits ``budget_mib`` (3% of it is kept in reserve for
     what is not modelled: allocator rounding, library workspaces).
@@ -142,7 +146,9 @@ def fit(
     fold_temps: the target fold makes [tokens, D] temporaries (the torch path; the Triton fold
     kernel makes none). token_sweep: the low-memory token pass may walk the vocabulary in blocks
     (not with softcap and label smoothing together when dX is needed). fp32_dx_sum: that pass
-    sums dX (default: fp32_dx, i.e. dX is needed and not fp32).
+    sums dX (default: fp32_dx, i.e. dX is needed and not fp32). chunks_only: a vocabulary shard
+    (fused_cel.parallel) has no low-memory plan, so the chunks may be as small as it takes, each
+    with its per-token statistics for the group (8 fp32).
     """
     fp32_dx_sum = fp32_dx if fp32_dx_sum is None else fp32_dx_sum
     budget = budget_mib * MIB * 0.97
@@ -155,11 +161,11 @@ def fit(
     # per token of a chunk: its logits, the target fold's temporaries (a*X_c in fp32, W[y]),
     fold = dim * (4 + itemsize) if fold_temps else 0
     # and the logits matmul's per-tile softmax statistics (kernels/logits.py: 3 fp32 per 256 columns)
-    per_row = v_pad * itemsize + fold + 12 * -(-vocab // 256)
+    per_row = v_pad * itemsize + fold + 12 * -(-vocab // 256) + (32 if chunks_only else 0)
     # Below ~1024 tokens a chunk costs more than it saves: each re-reads W twice, and (dW
     # wanted) reads and writes the fp32 dW; the low-memory plan's steps stay large instead
     # (experiments/lowmem-tune).
-    least = min(_LEAST_CHUNK, n)
+    least = 1 if chunks_only else min(_LEAST_CHUNK, n)
     chunk = _floor(min(auto_chunk, (budget - fixed) / per_row), 128)
     if chunk >= least:
         return Plan(chunk_size=max(1, chunk))
@@ -170,6 +176,10 @@ def fit(
         chunk = _floor(min(auto_chunk, (budget - fixed) / (per_row + 4 * dim)), 128)
         if chunk >= least:
             return Plan(chunk_size=max(1, chunk), round_dx=True)
+    if chunks_only:
+        least_row = per_row + (4 * dim if fp32_dx else 0)
+        raise ValueError(_too_small(budget, fixed + least_row) + " (one token a chunk; a vocabulary shard has "
+                         "no low-memory plan)")  # fmt: skip
 
     # Low memory: no padded copy of W (an odd V only slows the matmuls), fp32 tiles instead of
     # whole accumulators.
