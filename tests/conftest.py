@@ -41,3 +41,30 @@ def seed(request) -> int:
 def module_seed(request) -> int:
     """A seed for a module-scoped fixture's inputs."""
     return _draw(request.config)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny matmuls (training runs of a tiny model): on a loaded CPU several
+    spin against each other. Modules take it with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts a patched model's calls into fused_cel.linear_cross_entropy (a list of the hidden
+    states' shapes, for its length)."""
+    from fused_cel.integrations import hf
+
+    calls = []
+    linear_cross_entropy = hf.linear_cross_entropy
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return linear_cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "linear_cross_entropy", counting)
+    return calls

@@ -208,3 +208,110 @@ class LiveBytes(TorchDispatchMode):
         if self.tensors[key] == 0:
             self.live -= self.size.pop(key)
             del self.tensors[key]
+
+
+# Training runs through Hugging Face trainers (tests/test_hf_trainers.py, tests/test_trainer_matrix.py):
+# a tiny Llama (random init, no downloads) over the bundled text as byte tokens, patched and stock
+# from the same weights and data order. transformers is imported where it is needed, so that the
+# modules that do not train keep running without it.
+#
+# Tolerances. With the patch the loss is the same fp32 sum of per-token terms as stock's, added in
+# another order: a step's loss differs by a few float32 ulps. AdamW then scales each entry's step to
+# about lr whatever its gradient's size, so an entry whose gradient is near zero carries that rounding
+# into the weights. Measured in 44 comparisons (6-8 steps, CPU): losses at most 1.9e-7 apart
+# (relative), parameters at most 8.3e-5 of how far training moved them. LOSS_RTOL and PARAM_RTOL
+# leave a 50x / 12x margin over that, while a real fault is far larger: one token miscounted in
+# num_items_in_batch (about 100 counted tokens per step) moves the loss by 1e-2.
+#
+# PATCH uses backend="torch", the Triton kernel's plain-PyTorch twin: these runs are on the CPU, where
+# the kernel would go through Triton's interpreter at about a second per micro-batch (tests/test_kernels.py
+# checks the kernel against the twin).
+
+LOSS_RTOL = 1e-5
+PARAM_RTOL = 1e-3
+VOCAB = 300  # byte ids 0-255, then the tokenizer's special tokens
+BATCH, ACCUMULATE = 2, 2
+PATCH = dict(backend="torch")
+
+
+def tiny_llama():
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    return transformers.LlamaForCausalLM(config).train()
+
+
+def byte_windows(lengths):
+    """Windows of the bundled text at random offsets, as byte ids."""
+    from fused_cel.train_demo import corpus_tokens
+
+    text = corpus_tokens(torch.device("cpu"))
+    return [text[o : o + n] for n, o in zip(lengths, torch.randint(0, len(text) - max(lengths), (len(lengths),)))]
+
+
+class MapDataset(torch.utils.data.Dataset):
+    """A map-style dataset of {"input_ids", "labels"} dicts, as a new user writes one."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def run_args(config_class, tmp_path, steps, **extra):
+    """TrainingArguments (or a subclass: TRL's configs) for `steps` optimizer steps of ACCUMULATE
+    micro-batches of BATCH sequences on the CPU, logging every step's loss; extra overrides."""
+    args = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=ACCUMULATE,  # Trainer passes num_items_in_batch to the model
+        max_steps=steps,
+        learning_rate=3e-3,  # AdamW (the default optimizer), linear decay
+        logging_steps=1,
+        seed=0,  # the same shuffled data order in every run
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    return config_class(**(args | extra))
+
+
+def train(trainer):
+    """Train; returns the per-optimizer-step losses Trainer logged (logging_steps=1)."""
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == trainer.args.max_steps, trainer.state.log_history
+    return losses
+
+
+def assert_same_training(
+    losses, stock_losses, model, stock_model, init, loss_rtol=LOSS_RTOL, param_rtol=PARAM_RTOL, falls=True
+):
+    """Equal loss curves (loss_rtol) and final trainable parameters apart by at most param_rtol of
+    how far training moved them; frozen ones (requires_grad False) as they were in init; and
+    training did something (with ``falls``, the stock loss fell: not so for DFT's, -p log p)."""
+    rel = max(abs(a - b) / abs(b) for a, b in zip(losses, stock_losses, strict=True))
+    assert rel <= loss_rtol, f"loss curves differ by {rel:.2e} relative:\n  patched {losses}\n  stock   {stock_losses}"
+    assert not falls or stock_losses[-1] < stock_losses[0], f"the stock run did not learn: {stock_losses}"
+    stock_params, init_params = dict(stock_model.named_parameters()), dict(init.named_parameters())
+    assert stock_params.keys() == dict(model.named_parameters()).keys()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, init_params[name]), f"{name} is frozen but changed"
+            continue
+        moved = (stock_params[name] - init_params[name]).norm().item()
+        diff = (p - stock_params[name]).norm().item()
+        assert moved > 0, f"{name} did not move in training"
+        assert diff <= param_rtol * moved, f"{name}: patched - stock = {diff:.2e}, {diff / moved:.2e} of its move"

@@ -1,130 +1,33 @@
 """fused_cel.patch under real training loops: transformers.Trainer and TRL's SFTTrainer run a few
 optimizer steps (AdamW, gradient accumulation) on a tiny Llama (random init, no downloads) over the
 bundled text as byte tokens, with and without the patch, from the same weights and data order.
-
-Tolerances. With the patch the loss is the same fp32 sum of per-token terms as stock's, added in
-another order: a step's loss differs by a few float32 ulps. AdamW then scales each entry's step to
-about lr whatever its gradient's size, so an entry whose gradient is near zero carries that rounding
-into the weights. Measured in 44 comparisons (6-8 steps, CPU): losses at most 1.9e-7 apart
-(relative), parameters at most 8.3e-5 of how far training moved them. LOSS_RTOL and PARAM_RTOL
-leave a 50x / 12x margin over that, while a real fault is far larger: one token miscounted in
-num_items_in_batch (about 100 counted tokens per step) moves the loss by 1e-2.
-
-The patch uses backend="torch", the Triton kernel's plain-PyTorch twin: these runs are on the CPU, where
-the kernel would go through Triton's interpreter at about a second per micro-batch (tests/test_kernels.py
-checks the kernel against the twin).
+tests/helpers.py has the runs' pieces and says why LOSS_RTOL and PARAM_RTOL are what they are;
+tests/test_trainer_matrix.py runs Trainer's other ordinary setups.
 """
 
 import copy
 
 import pytest
 import torch
+from helpers import (
+    ACCUMULATE,
+    LOSS_RTOL,
+    PATCH,
+    VOCAB,
+    MapDataset,
+    assert_same_training,
+    byte_windows,
+    run_args,
+    tiny_llama,
+    train,
+)
 
 import fused_cel
-from fused_cel.integrations import hf
-from fused_cel.train_demo import corpus_tokens
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-LOSS_RTOL = 1e-5
-PARAM_RTOL = 1e-3
-VOCAB = 300  # byte ids 0-255, then the tokenizer's special tokens
-BATCH, ACCUMULATE = 2, 2
-PATCH = dict(backend="torch")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The matmuls are tiny: one thread is fastest, and on a loaded CPU several spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_llama():
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(config).train()
-
-
-def byte_windows(lengths):
-    """Windows of the bundled text at random offsets, as byte ids."""
-    text = corpus_tokens(torch.device("cpu"))
-    return [text[o : o + n] for n, o in zip(lengths, torch.randint(0, len(text) - max(lengths), (len(lengths),)))]
-
-
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the patch's calls into fused_cel.linear_cross_entropy (a list, for its length)."""
-    calls = []
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return linear_cross_entropy(*args, **kwargs)
-
-    linear_cross_entropy = hf.linear_cross_entropy
-    monkeypatch.setattr(hf, "linear_cross_entropy", counting)
-    return calls
-
-
-def train(trainer):
-    """Train; returns the per-optimizer-step losses Trainer logged (logging_steps=1)."""
-    trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(losses) == trainer.args.max_steps, trainer.state.log_history
-    return losses
-
-
-def run_args(config_class, tmp_path, steps, **extra):
-    return config_class(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUMULATE,  # Trainer passes num_items_in_batch to the model
-        max_steps=steps,
-        learning_rate=3e-3,  # AdamW (the default optimizer), linear decay
-        logging_steps=1,
-        seed=0,  # the same shuffled data order in every run
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        **extra,
-    )
-
-
-def assert_same_training(losses, stock_losses, model, stock_model, init):
-    """Equal loss curves (LOSS_RTOL) and final parameters apart by at most PARAM_RTOL of how far
-    training moved them; and training did something."""
-    rel = max(abs(a - b) / abs(b) for a, b in zip(losses, stock_losses))
-    assert rel <= LOSS_RTOL, f"loss curves differ by {rel:.2e} relative:\n  patched {losses}\n  stock   {stock_losses}"
-    assert stock_losses[-1] < stock_losses[0], f"the stock run did not learn: {stock_losses}"
-    stock_params, init_params = dict(stock_model.named_parameters()), dict(init.named_parameters())
-    for name, p in model.named_parameters():
-        moved = (stock_params[name] - init_params[name]).norm().item()
-        diff = (p - stock_params[name]).norm().item()
-        assert moved > 0, f"{name} did not move in training"
-        assert diff <= PARAM_RTOL * moved, f"{name}: patched - stock = {diff:.2e}, {diff / moved:.2e} of its move"
-
-
-class MapDataset(torch.utils.data.Dataset):
-    """A map-style dataset of {"input_ids", "labels"} dicts, as a new user writes one."""
-
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(
@@ -201,8 +104,8 @@ def sft(tmp_path, monkeypatch):
     )
     tokenizer = byte_tokenizer()
 
-    def make(model, name, trainer_loss=False):
-        args = run_args(trl.SFTConfig, tmp_path / name, 6, bf16=False)  # SFTConfig defaults to bf16
+    def make(model, name, trainer_loss=False, **extra):
+        args = run_args(trl.SFTConfig, tmp_path / name, 6, bf16=False, **extra)  # SFTConfig defaults to bf16
         trainer_class = TrainerLossSFTTrainer if trainer_loss else trl.SFTTrainer
         return trainer_class(model=model, args=args, train_dataset=data, processing_class=tokenizer)
 
@@ -292,19 +195,32 @@ def sft_metrics(trainer):
     return [(e["loss"], e["entropy"], e["mean_token_accuracy"]) for e in trainer.state.log_history if "loss" in e]
 
 
-def test_sft_trainer_with_trl_install_matches_trl(sft, trl_kernel_calls):
+@pytest.mark.parametrize(
+    "rows, loss_type", [("all", "nll"), ("counted", "nll"), ("counted", "dft")], ids=lambda v: str(v)
+)
+def test_sft_trainer_with_trl_install_matches_trl(sft, trl_kernel_calls, monkeypatch, rows, loss_type):
     """install(): SFTTrainer's loss, entropy and mean_token_accuracy logs and its final weights are
-    TRL's own run's to fp32 rounding, fused_cel computed every micro-batch and TRL's kernel none."""
+    TRL's own run's to fp32 rounding, fused_cel computed every micro-batch and TRL's kernel none.
+    rows="counted": TRL passes only the counted rows to the kernel, as on a GPU (it does so where
+    Triton runs); there SFT's NLL takes the uniform_grad path (gradients in forward), DFT not."""
+    import trl.trainer.utils as utils
+
     from fused_cel.integrations import trl as fused_trl
 
+    if rows == "counted":
+        monkeypatch.setattr(utils, "_use_triton", lambda device: True)
     init = tiny_llama()
     stock_model = copy.deepcopy(init)
-    stock_trainer = sft(stock_model, "stock")
+    stock_trainer = sft(stock_model, "stock", loss_type=loss_type)
     stock_losses = train(stock_trainer)
     assert len(trl_kernel_calls) == 6 * ACCUMULATE
     model = copy.deepcopy(init)
-    trainer = sft(model, "fused")
-    before, fused_before = len(trl_kernel_calls), fused_trl.calls["fused"]
+    trainer = sft(model, "fused", loss_type=loss_type)
+    before, fused_before, uniform_before = (
+        len(trl_kernel_calls),
+        fused_trl.calls["fused"],
+        fused_trl.calls["uniform_grad"],
+    )
     fused_trl.install(**PATCH)
     try:
         losses = train(trainer)
@@ -312,7 +228,9 @@ def test_sft_trainer_with_trl_install_matches_trl(sft, trl_kernel_calls):
         fused_trl.uninstall()
     assert len(trl_kernel_calls) == before, "TRL's own kernel ran with fused_cel installed"
     assert fused_trl.calls["fused"] - fused_before == 6 * ACCUMULATE
-    assert_same_training(losses, stock_losses, model, stock_model, init)
+    uniform = fused_trl.calls["uniform_grad"] - uniform_before
+    assert uniform == (6 * ACCUMULATE if (rows, loss_type) == ("counted", "nll") else 0), uniform
+    assert_same_training(losses, stock_losses, model, stock_model, init, falls=loss_type == "nll")
     for (_, entropy, accuracy), (_, stock_entropy, stock_accuracy) in zip(
         sft_metrics(trainer), sft_metrics(stock_trainer)
     ):

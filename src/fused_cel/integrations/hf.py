@@ -72,7 +72,7 @@ def patch(model: torch.nn.Module, *, return_logits: bool = False, verify: bool =
     check_keywords(options)
 
     state = _PatchState(options, dict(loss_options), return_logits, head, stock_forward=model.forward)
-    _replace(state, head, "forward", _head_forward(state, head.forward))
+    _patch_head(state, head)
     _replace(state, model, "forward", _model_forward(state, model))
     _replace(state, model, "_loss_function", _loss_function(state, model.loss_function))
     _replace(state, model, "__deepcopy__", _deepcopy(state, model))
@@ -124,6 +124,34 @@ def _deepcopy(state, model):
                 setattr(obj, name, fn)
             setattr(model, _ATTR, state)
         return patch(copied, return_logits=state.return_logits, verify=False, **state.loss_options)
+
+    return __deepcopy__
+
+
+def _patch_head(state, head):
+    _replace(state, head, "forward", _head_forward(state, head.forward))
+    _replace(state, head, "__deepcopy__", _head_deepcopy(state, head))
+
+
+def _head_deepcopy(state, head):
+    """The patched head's __deepcopy__: a copy whose forward is its own. PEFT's
+    modules_to_save=["lm_head"] deep-copies the head into the trainable copy it then runs; a
+    copied wrapper would compute that copy's logits from this head's weight."""
+
+    def __deepcopy__(memo):
+        ours = [
+            (name, fn) for (obj, name), fn in state.installed.items() if obj is head and head.__dict__.get(name) is fn
+        ]
+        for name, _ in ours:
+            _put(head, name, state.saved[head, name])
+        try:
+            copied = copy.deepcopy(head, memo)
+        finally:
+            for name, fn in ours:
+                setattr(head, name, fn)
+        if state.active:
+            _patch_head(state, copied)
+        return copied
 
     return __deepcopy__
 
@@ -220,6 +248,9 @@ def _model_forward(state, model):
         shift_labels = kwargs.get("shift_labels")
         if (labels is None and shift_labels is None) or not model.training or not state.active:
             return stock_forward(*args, **kwargs)
+        # The head as it is now: PEFT may have wrapped it since (modules_to_save: its weight is the
+        # trainable copy's; a LoRA layer: refused).
+        state.head = _linear_head(model)
         state.armed = {
             "labels": labels,
             "shift_labels": shift_labels,
