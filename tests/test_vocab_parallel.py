@@ -246,17 +246,18 @@ def _stats_rank_work(rank, world, inputs, backends):
         for reduction in ("mean", "none"):
             y, opts = labels["everything_none"], {**EVERYTHING, "chunk_size": 8, "reduction": reduction}
             for name, rows, group in (("parallel", slice(lo, hi), dist.group.WORLD), ("single", slice(None), None)):
-                x, w, b = (t.clone().requires_grad_() for t in (hidden, weight[rows], bias[rows]))
+                x, w, b = (t.to(DEVICE, copy=True).requires_grad_() for t in (hidden, weight[rows], bias[rows]))
                 kw = {} if group is None else dict(process_group=group)
                 loss, stats = fused_cel.linear_cross_entropy(
-                    x, w, y, b, backend=backend, return_token_stats=True, **opts, **kw
+                    x, w, y.to(DEVICE), b, backend=backend, return_token_stats=True, **opts, **kw
                 )
-                g = torch.linspace(0.5, 2.0, loss.numel()).reshape(loss.shape)
+                g = torch.linspace(0.5, 2.0, loss.numel(), device=DEVICE).reshape(loss.shape)
                 objective = (loss * g).sum()
                 if reduction == "none":  # the entropy is differentiable there
                     objective = objective + (stats.entropy * g.flip(-1)).sum()
                 objective.backward()
-                results[backend, reduction, name] = [loss.detach(), *stats, x.grad, w.grad, b.grad]
+                out = [loss.detach(), *stats, x.grad, w.grad, b.grad]
+                results[backend, reduction, name] = [t.cpu() for t in out]
     return results
 
 
