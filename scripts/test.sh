@@ -10,4 +10,21 @@ python3 -m venv .venv
 # DeepSpeed (tests/test_distributed.py runs ZeRO-3 on its CPU accelerator) is an sdist whose build
 # imports torch: build it against the torch above, with no compiled ops.
 DS_BUILD_OPS=0 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation deepspeed
+# unsloth (tests/test_unsloth.py) pins transformers<=5.17 and trl<=1.15, below the versions above, so
+# its tests run first, in an environment of their own. unsloth's dependencies include xformers,
+# bitsandbytes and torchvision, which would bring a CUDA torch and nvidia-* wheels: unsloth and
+# unsloth_zoo go in without dependencies, after the ones they import on a CPU machine, and the
+# constraint keeps any of them from replacing the CPU torch. FUSED_CEL_REQUIRE_UNSLOTH=1: a failed
+# import of unsloth is an error there, not a skip. (In .venv the file skips: no unsloth.)
+# Only for the whole suite (no arguments), as CI runs it: it adds about two minutes.
+if [ "$#" -eq 0 ]; then
+    python3 -m venv .venv-unsloth
+    .venv-unsloth/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
+    .venv-unsloth/bin/python -m pip install -q --disable-pip-version-check -c <(echo torch==2.13.0) -e . \
+        "transformers<=5.17" "trl<=1.15" "datasets<5" "peft>=0.18" "accelerate>=0.34.1" pytest tyro sentencepiece \
+        protobuf psutil packaging wheel numpy tqdm regex msgspec pillow einops hf_transfer
+    .venv-unsloth/bin/python -m pip install -q --disable-pip-version-check --no-deps \
+        unsloth==2026.10.9 unsloth_zoo==2026.10.9
+    FUSED_CEL_REQUIRE_UNSLOTH=1 .venv-unsloth/bin/python -m pytest -q -p no:cacheprovider tests/test_unsloth.py
+fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
