@@ -179,6 +179,18 @@ def _linear_head(model):
     return head
 
 
+def _current_head(state, model):
+    """The head to take the weight from in this call: PEFT may have wrapped the patched one since
+    (modules_to_save: its weight is the trainable copy's; a LoRA layer: refused); other wrappers
+    (FSDP1's unit around the head) leave the patched head as it is."""
+    head = model.get_output_embeddings()
+    if head is state.head or not (
+        hasattr(head, "lora_A") or hasattr(head, "base_layer") or hasattr(head, "modules_to_save")
+    ):
+        return state.head
+    return _linear_head(model)
+
+
 def _model_logit_options(model) -> dict:
     """softcap / logit_scale that the stock forward applies after the head."""
     config = model.config
@@ -248,9 +260,7 @@ def _model_forward(state, model):
         shift_labels = kwargs.get("shift_labels")
         if (labels is None and shift_labels is None) or not model.training or not state.active:
             return stock_forward(*args, **kwargs)
-        # The head as it is now: PEFT may have wrapped it since (modules_to_save: its weight is the
-        # trainable copy's; a LoRA layer: refused).
-        state.head = _linear_head(model)
+        state.head = _current_head(state, model)
         state.armed = {
             "labels": labels,
             "shift_labels": shift_labels,
