@@ -25,20 +25,6 @@ from fused_cel import train_demo
 WARM = 2  # steps left out of tokens/s
 
 
-def byte_tokenizer():
-    """One token per byte, plus pad and eos (SFTTrainer needs a processing class)."""
-    import transformers
-    from tokenizers import Tokenizer, models
-
-    vocab = {f"<{i}>": i for i in range(256)} | {"<pad>": 256, "<eos>": 257, "<unk>": 258}
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-    )
-
-
 def run(method: str, size: str, seq: int, steps: int) -> dict:
     import datasets
     import transformers
@@ -68,7 +54,8 @@ def run(method: str, size: str, seq: int, steps: int) -> dict:
         args = trl.SFTConfig(output_dir=out, per_device_train_batch_size=1, max_steps=steps, learning_rate=1e-4,
                              logging_steps=1, bf16=cuda, use_cpu=not cuda, max_length=seq, report_to=[],
                              save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)  # fmt: skip
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=byte_tokenizer())
+        tokenizer = train_demo.byte_tokenizer()
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
         trainer.add_callback(Clock())
         if method == "fused_cel":
             fused_trl.install()

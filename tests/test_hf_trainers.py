@@ -23,6 +23,7 @@ from helpers import (
 )
 
 import fused_cel
+from fused_cel import train_demo
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -72,19 +73,6 @@ def test_trainer_training_run_matches_stock(tmp_path, fused_calls, dataset, remo
 # SFTTrainer's own compute_loss; it does under Trainer's compute_loss, which calls model(**inputs).
 
 
-def byte_tokenizer():
-    """A tokenizer built in memory (SFTTrainer needs one for its pad token): one token per byte."""
-    from tokenizers import Tokenizer, models
-
-    vocab = {f"<{i}>": i for i in range(256)} | {"<pad>": 256, "<eos>": 257, "<unk>": 258}
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-        pad_token="<pad>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-    )
-
-
 @pytest.fixture
 def sft(tmp_path, monkeypatch):
     """make(model, name, trainer_loss=False) -> an SFTTrainer over 16 pre-tokenized sequences of 20-32
@@ -102,7 +90,7 @@ def sft(tmp_path, monkeypatch):
     data = datasets.Dataset.from_dict(
         {"input_ids": [w.tolist() for w in byte_windows([20 + i % 13 for i in range(16)])]}
     )
-    tokenizer = byte_tokenizer()
+    tokenizer = train_demo.byte_tokenizer()
 
     def make(model, name, trainer_loss=False, **extra):
         args = run_args(trl.SFTConfig, tmp_path / name, 6, bf16=False, **extra)  # SFTConfig defaults to bf16
@@ -297,10 +285,10 @@ def test_trl_install_delegates_what_it_does_not_serve(monkeypatch, trl_kernel_ca
 
 
 def word_tokenizer():
-    """byte_tokenizer splitting text at spaces: "<3> <17>" -> ids 3, 17 (TRL's RL trainers take text)."""
+    """train_demo.byte_tokenizer splitting text at spaces: "<3> <17>" -> ids 3, 17 (TRL's RL trainers take text)."""
     from tokenizers import pre_tokenizers
 
-    tokenizer = byte_tokenizer()
+    tokenizer = train_demo.byte_tokenizer()
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return tokenizer
 

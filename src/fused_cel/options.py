@@ -100,8 +100,10 @@ def make(
         memory_budget_mib = _real("memory_budget_mib", memory_budget_mib, lo=0.0, lo_open=True)
         if chunk_size is not None:
             raise ValueError("give chunk_size or memory_budget_mib, not both")
-    flags = dict(shift=shift, check_labels=check_labels, return_token_stats=return_token_stats)
-    for name, flag in {**flags, "uniform_grad": uniform_grad}.items():
+    flags = dict(
+        shift=shift, check_labels=check_labels, return_token_stats=return_token_stats, uniform_grad=uniform_grad
+    )
+    for name, flag in flags.items():
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if backend not in BACKENDS:

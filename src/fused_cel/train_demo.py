@@ -33,6 +33,21 @@ def corpus_tokens(device) -> torch.Tensor:
     return torch.tensor(list(text), dtype=torch.long, device=device)
 
 
+def byte_tokenizer():
+    """A tokenizer built in memory for corpus_tokens' ids, one token per byte, plus pad and eos
+    (trainers such as TRL's SFTTrainer need one)."""
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"<{i}>": i for i in range(256)} | {"<pad>": 256, "<eos>": 257, "<unk>": 258}
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+
+
 def build_model(size: str, dtype: torch.dtype, device, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
