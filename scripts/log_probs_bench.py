@@ -23,36 +23,17 @@ datasets; a stand-in gives it the no-op gather context it uses outside ZeRO-3).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import importlib.metadata
 import importlib.util
 import statistics
-import sys
-import types
 
 import torch
 
 import fused_cel
+from fused_cel.bench import load_trl_kernel
 
 HEADS = {"llama3-8b": (4096, 128256, None), "gemma2-2b": (2304, 256000, 30.0)}
-
-
-def load_trl_kernel():
-    """TRL's ChunkedLogProbFunction from the installed trl package's file, or None."""
-    spec = importlib.util.find_spec("trl")
-    if spec is None:
-        return None
-    path = spec.submodule_search_locations[0] + "/kernels/chunked_logprob.py"
-    for name in ("trl", "trl.kernels", "trl.trainer"):  # packages with no code run
-        sys.modules.setdefault(name, types.ModuleType(name)).__path__ = []
-    utils = types.ModuleType("trl.trainer.utils")
-    utils.maybe_gather_lm_head_ctx = lambda *args, **kwargs: contextlib.nullcontext()
-    sys.modules["trl.trainer.utils"] = utils
-    module_spec = importlib.util.spec_from_file_location("trl.kernels.chunked_logprob", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def time_ms(fn, reps=10, warmup=3):

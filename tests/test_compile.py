@@ -283,13 +283,16 @@ def test_opcheck_forward(case):
     torch.library.opcheck(op.forward_op, op_args(**kwargs), test_utils=tests)
 
 
+@pytest.mark.parametrize("compact", [False, True], ids=["all_tokens", "counted_tokens"])
 @pytest.mark.parametrize("entropy", [False, True], ids=["loss", "loss+entropy"])
 @pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False, True, True)], ids=str)
-def test_opcheck_backward(need, entropy):
+def test_opcheck_backward(need, entropy, compact):
     hidden, weight, bias, targets, _, _, *options = op_args("none", need=need, stats=entropy)
     logits = hidden.detach() @ weight.detach().T + bias.detach()
     lse = torch.logsumexp(logits, dim=-1)
     grad = torch.randn(hidden.shape[0], device=DEVICE)
     ent = (grad, -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)) if entropy else (None, None)
-    args = (grad, ent[0], hidden.detach(), weight.detach(), bias.detach(), targets, lse, ent[1], None, *options)
+    # forward's count of the counted tokens (a CPU tensor): the pass runs over those rows only
+    count = torch.tensor([int((targets != -100).sum())]) if compact else None
+    args = (grad, ent[0], hidden.detach(), weight.detach(), bias.detach(), targets, lse, ent[1], None, count, *options)
     torch.library.opcheck(op.backward_op, args)

@@ -1,5 +1,7 @@
 """GPU-only checks: realistic heads, offsets past 2**31, memory, and no host synchronisation."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -80,6 +82,32 @@ def test_no_host_sync():
             linear_cross_entropy(x, w, labels, check_labels=False, **kwargs).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("opts", [{}, {"reduction": "none"}, {"memory_budget_mib": 4}], ids=str)
+def test_counted_tokens_without_another_sync(opts):
+    """Half the labels ignored: forward synchronises once (the label check, which reads their
+    count), and nothing else does: not the gathered rows, not backward's pass of "none"."""
+    hidden, weight, bias, labels = make_inputs((4, 256), 512, 32000, ignore_frac=0.5)
+    x = hidden.bfloat16().requires_grad_()
+    w = weight.bfloat16().requires_grad_()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            loss = linear_cross_entropy(x, w, labels, **opts)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(c.message) for c in caught if "synchroniz" in str(c.message)]
+    assert len(syncs) == 1, syncs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not x.grad[labels == -100].any()
 
 
 @pytest.mark.parametrize("D,V", [(4096, 128256), (2304, 256000)], ids=["llama3", "gemma2"])

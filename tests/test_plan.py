@@ -153,9 +153,10 @@ def test_token_sweep(backend, opts, monkeypatch):
     logits = hidden @ weight.T + bias
     confident = (torch.rand(labels.shape, device=DEVICE) < 0.3) & (labels != ignore)
     labels = torch.where(confident, logits.argmax(-1), labels)
-    run_case(
-        (hidden, weight, bias, labels), torch.bfloat16, backend, {**opts, "memory_budget_mib": LOW}, grad_scale=4.0
-    )
+    # check_labels=False: every token computed, as the sweep is planned for 256 (the 80% counted
+    # tokens alone fit a plan of whole rows)
+    opts = {**opts, "memory_budget_mib": LOW, "check_labels": False}
+    run_case((hidden, weight, bias, labels), torch.bfloat16, backend, opts, grad_scale=4.0)
     assert sweeps and all(0 < v < 300 for v in sweeps), sweeps  # several blocks, every call
 
 

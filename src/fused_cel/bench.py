@@ -21,7 +21,8 @@ at 16384 tokens, scaling with N, frozen weight, fp16, fp32 and autocast).
 Methods (--methods, comma-separated; default every one; those that cannot run here are skipped
 with a note): plain (F.linear, upcast to fp32, F.cross_entropy), compile (torch.compile of plain),
 torch_native (torch.nn.functional.linear_cross_entropy, chunked options, where torch has it),
-liger (Liger Kernel's LigerFusedLinearCrossEntropyLoss), cce (Apple's Cut Cross-Entropy), fused_cel
+liger (Liger Kernel's LigerFusedLinearCrossEntropyLoss), cce (Apple's Cut Cross-Entropy), trl
+(TRL's SFTTrainer head: its chunked log-prob kernel on the counted rows, with entropy and top-1), fused_cel
 and fused_cel[key=value;...] (keywords of fused_cel.linear_cross_entropy, values read by
 ast.literal_eval, e.g. fused_cel[chunk_size=4096;backend='torch']). Softcap presets pass their
 softcap to every method; a method without a softcap argument is skipped for them.
@@ -38,16 +39,20 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import csv
 import datetime
 import gc
 import importlib.metadata
+import importlib.util
 import inspect
 import os
 import json
 import re
 import statistics
+import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,26 +71,27 @@ PRESETS = {  # name: (D, V, softcap)
     "gpt2": (768, 50257, None),
 }
 DEFAULT_TOKENS = 8192
-METHODS = ("plain", "compile", "torch_native", "liger", "cce", "fused_cel")
+METHODS = ("plain", "compile", "torch_native", "liger", "cce", "trl", "fused_cel")
 MODES = ("fwd", "bwd", "fwd+bwd")
 ARGS = ("hidden", "weight", "labels", "bias")  # of fused_cel.linear_cross_entropy, not settable in fused_cel[...]
 COLUMNS = (
     "date", "gpu", "torch", "triton", "fused_cel", "dtype", "autocast", "frozen_weight", "mode",
     "shape", "N", "D", "V", "softcap", "method", "status", "ms", "floor_ms", "ratio_to_floor",
-    "extra_mib", "tflops", "loss_err", "dx_err", "dw_err", "error_tokens", "warmup", "reps", "note",
+    "extra_mib", "tflops", "loss_err", "dx_err", "dw_err", "error_tokens", "warmup", "reps", "ignored", "note",
 )  # fmt: skip
 
 
 # Helpers shared with fused_cel.demo.
 
 
-def make_inputs(n, d, v, device, seed=0):
-    """Hidden states, head weight and labels like a real LM head's (logits std about 2)."""
+def make_inputs(n, d, v, device, seed=0, ignored=0.1):
+    """Hidden states, head weight and labels like a real LM head's (logits std about 2), the
+    fraction ``ignored`` of the labels -100 (padding, or an SFT prompt's tokens)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     hidden = torch.randn(n, d, generator=g)
     weight = torch.randn(v, d, generator=g) * (2.0 / d**0.5)
     labels = torch.randint(0, v, (n,), generator=g)
-    labels[torch.rand(n, generator=g) < 0.1] = -100  # some padding
+    labels[torch.rand(n, generator=g) < ignored] = -100
     return hidden.to(device), weight.to(device), labels.to(device)
 
 
@@ -158,7 +164,8 @@ class Config:
     device: where it runs; dtype: of hidden and weight as the methods get them (fp32 under
     autocast); autocast: None or the compute dtype under torch.autocast; mode: one of MODES;
     train_weight: the weight requires grad (False: --frozen-weight); warmup, reps: untimed and
-    timed steps per measurement; error_tokens: N of the accuracy check.
+    timed steps per measurement; error_tokens: N of the accuracy check; ignored: the fraction of
+    labels ignored in the timed inputs.
     """
 
     device: torch.device
@@ -169,6 +176,7 @@ class Config:
     warmup: int
     reps: int
     error_tokens: int
+    ignored: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -245,12 +253,14 @@ def build_method(spec, softcap, device):
         return torch.compile(lambda x, w, y: plain_loss(x, w, y, softcap), dynamic=False)
     if spec == "torch_native":
         return _torch_native(softcap)
-    if spec in ("liger", "cce") and device.type != "cuda":
+    if spec in ("liger", "cce", "trl") and device.type != "cuda":
         raise Unavailable("its Triton kernels need CUDA")
     if spec == "liger":
         return _liger(softcap)
     if spec == "cce":
         return _cce(softcap)
+    if spec == "trl":
+        return _trl(softcap)
     kwargs = {"softcap": softcap, **fused_kwargs(spec)}
     route = kwargs.pop("matmul", None)
     if route is None:
@@ -308,6 +318,45 @@ def _cce(softcap):
         raise Unavailable(f"cut_cross_entropy is not importable ({e})") from None
     kwargs = {} if softcap is None else {"softcap": softcap}
     return lambda x, w, y: linear_cross_entropy(x, w, y, **kwargs)
+
+
+def load_trl_kernel():
+    """TRL's ChunkedLogProbFunction (trl/kernels/chunked_logprob.py) from the installed trl
+    package's file, or None. The file is loaded on its own: its backward imports
+    trl.trainer.utils, which pulls in the trainers (and their dependencies) for one context
+    manager, replaced here by a null one (that is DeepSpeed's ZeRO-3 gather)."""
+    spec = importlib.util.find_spec("trl")
+    if spec is None:
+        return None
+    path = spec.submodule_search_locations[0] + "/kernels/chunked_logprob.py"
+    for name in ("trl", "trl.kernels", "trl.trainer"):  # packages with no code run
+        sys.modules.setdefault(name, types.ModuleType(name)).__path__ = []
+    utils = types.ModuleType("trl.trainer.utils")
+    utils.maybe_gather_lm_head_ctx = lambda *args, **kwargs: contextlib.nullcontext()
+    sys.modules["trl.trainer.utils"] = utils
+    module_spec = importlib.util.spec_from_file_location("trl.kernels.chunked_logprob", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _trl(softcap):
+    """SFTTrainer's own head (TRL >= 1.16 on a Triton device): the counted rows gathered, their
+    log-probabilities, entropy and top-1 by TRL's chunked kernel, the NLL mean."""
+    try:
+        trl = load_trl_kernel()
+    except Exception as e:  # an older trl without the file, or one that cannot load this way
+        raise Unavailable(f"TRL's chunked_logprob kernel does not load ({_why(e)})") from None
+    if trl is None:
+        raise Unavailable("trl is not installed")
+
+    def trl_sft(x, w, y):
+        counted = y != -100
+        out = trl.ChunkedLogProbFunction.apply(x[counted], w, None, y[counted], 1.0, 32768, softcap, 1.0,
+                                               ("entropy", "is_top1"))  # fmt: skip
+        return -out[0].sum() / counted.sum().clamp(min=1)
+
+    return trl_sft
 
 
 # Measurements. Throughout: x, w, y are hidden [N, D], weight [V, D] and labels [N] as the methods
@@ -474,7 +523,7 @@ def bench_shape(shape, methods, cfg, errors, meta, profile_dir, bar):
     errors: accuracy()'s result for its head; meta: run_meta(); profile_dir: where --profile
     writes traces (None: no profiling); bar: the tqdm progress bar.
     """
-    hidden, weight, labels = make_inputs(shape.n, shape.d, shape.v, cfg.device)
+    hidden, weight, labels = make_inputs(shape.n, shape.d, shape.v, cfg.device, ignored=cfg.ignored)
     x, w = cast_inputs(hidden, weight, cfg)
     del hidden, weight
     try:
@@ -638,6 +687,7 @@ def parse_args(argv):
     ap.add_argument("--reps", type=int, default=10, help="timed steps (median)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     ap.add_argument("--error-tokens", type=int, default=1024, help="N of the accuracy check against fp64")
+    ap.add_argument("--ignored", type=float, default=0.1, help="fraction of labels ignored (default 0.1: padding)")
     ap.add_argument("--out", default="bench-results", help="directory for results.csv, results.json, plots")
     ap.add_argument("--profile", action="store_true", help="trace one step of each fused_cel method, first shape")
     ap.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -648,6 +698,8 @@ def parse_args(argv):
         ap.error(str(e))
     if args.autocast and args.dtype == "fp32":
         ap.error("--autocast needs --dtype bf16 or fp16 (the compute dtype)")
+    if not 0 <= args.ignored < 1:
+        ap.error(f"--ignored must be in [0, 1), got {args.ignored}")
     if min(args.reps, args.error_tokens) < 1 or args.warmup < 0 or min(args.tokens or [1]) < 1:
         ap.error("--reps, --error-tokens and --tokens must be >= 1, --warmup >= 0")
     return args
@@ -665,6 +717,7 @@ def make_config(args):
         warmup=args.warmup,
         reps=args.reps,
         error_tokens=args.error_tokens,
+        ignored=args.ignored,
     )
 
 
@@ -694,6 +747,7 @@ def run_meta(cfg, args):
         "error_tokens": args.error_tokens,
         "warmup": args.warmup,
         "reps": args.reps,
+        "ignored": args.ignored,
     }
 
 

@@ -43,6 +43,30 @@ class Work:
     ent_scale: torch.Tensor | None = None  # [N] fp32: each token's multiplier of its entropy's gradient
     class_weight: torch.Tensor | None = None  # [V] fp32 (the whole vocabulary's): F.cross_entropy's weight=
     class_weight_sum: torch.Tensor | None = None  # [1] fp32
+    # The pass's tokens as rows of x and dx (the counted ones, fused_cel.op): per-token tensors
+    # above have one entry per pass token, x and dx all N rows. None: every row, in order.
+    rows: torch.Tensor | None = None  # [n] int64
+
+    @property
+    def n_tokens(self) -> int:
+        return self.targets.shape[0]
+
+    def x_rows(self, start: int, end: int) -> torch.Tensor:
+        """x of the pass's tokens start:end (a gathered copy when the pass has row indices)."""
+        return self.x[start:end] if self.rows is None else self.x.index_select(0, self.rows[start:end])
+
+    def write_dx(self, be, start: int, tile: torch.Tensor) -> None:
+        """The fp32 dX of the pass's tokens start:start + len(tile), times out_scale, rounded once
+        into dx's rows (scattered to their rows when the pass has row indices)."""
+        end = start + tile.shape[0]
+        if self.rows is None:
+            be.round_into(self.dx[start:end], tile, self.out_scale)
+            return
+        if self.dx.dtype != tile.dtype or self.out_scale is not None:
+            rounded = torch.empty(tile.shape, dtype=self.dx.dtype, device=tile.device)
+            be.round_into(rounded, tile, self.out_scale)
+            tile = rounded
+        self.dx.index_copy_(0, self.rows[start:end], tile)
 
     def with_class_weight(self, class_weight: torch.Tensor | None) -> None:
         if class_weight is not None:
@@ -60,7 +84,7 @@ def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = No
     chunk's statistics are combined over the group, and dX, this shard's part, is summed over
     it at the end unless the options leave that to the caller."""
     x, w, b, targets = work.x, work.w, work.b, work.targets
-    (N, D), V = x.shape, w.shape[0]
+    N, D, V = work.n_tokens, x.shape[1], w.shape[0]
     dx, dw, db = work.dx, work.dw, work.db
     if N == 0:
         for t in (dw, db):
@@ -89,8 +113,8 @@ def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = No
         shard_stats = torch.empty((chunk, (4 if work.extras is None else 7) + weighted), **f32)
     target_grad = torch.empty(chunk, **f32) if work.writes_grad else None
     dx_tile = None
-    if dx is not None and (dx.dtype != torch.float32 or work.out_scale is not None):
-        dx_tile = torch.empty((chunk, D), **f32)  # each chunk's dX summed in fp32, then rounded
+    if dx is not None and (dx.dtype != torch.float32 or work.out_scale is not None or work.rows is not None):
+        dx_tile = torch.empty((chunk, D), **f32)  # each chunk's dX summed in fp32, then rounded (or scattered)
     per_token_scale = work.scale is not None and work.scale.numel() != 1
     at = {} if shard is None else dict(vocab_start=shard.start, vocab_total=shard.total)
     if db is not None:
@@ -98,7 +122,8 @@ def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = No
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
         rows = end - start
-        xc, tt, lse, logits_mm = x[start:end], targets[start:end], work.lse[start:end], buf[:rows]
+        xc = None  # (the last chunk's gathered rows freed before the next are gathered: one copy at a time)
+        xc, tt, lse, logits_mm = work.x_rows(start, end), targets[start:end], work.lse[start:end], buf[:rows]
         logits = logits_mm[:, :V]
         loss = None if work.loss is None else work.loss[start:end]
         scale = work.scale[start:end] if per_token_scale else work.scale
@@ -131,7 +156,7 @@ def run(work: Work, opts: Options, plan: Plan, shard: parallel.Shard | None = No
             be.fold(dxc, None, w, y, tg)
             if dx_tile is not None:  # summed over the group in fp32, before its one rounding
                 parallel.reduce_hidden_grad(dxc, shard)
-                be.round_into(dx[start:end], dxc, work.out_scale)
+                work.write_dx(be, start, dxc)
         if dw is not None:
             be.mm(logits.t(), xc, out=dw, accumulate=start > 0)
             be.fold(dw, y, xc, None, tg)

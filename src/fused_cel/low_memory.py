@@ -52,7 +52,7 @@ def token_sweep(work: Work, opts: Options, plan: Plan) -> None:
     work.loss None: the loss and lse are recomputed but not written (backward knows them).
     """
     x, w, b, targets, dx = work.x, work.w, work.b, work.targets, work.dx
-    (N, D), V = x.shape, w.shape[0]
+    N, D, V = work.n_tokens, x.shape[1], w.shape[0]
     be = backends.get(opts.backend)
     eps, z, cap, ls = opts.label_smoothing, opts.z_loss, opts.softcap, opts.logit_scale
     whole_rows = (dx is not None and eps and cap is not None) or work.class_weight is not None
@@ -71,7 +71,8 @@ def token_sweep(work: Work, opts: Options, plan: Plan) -> None:
     colsum = w.sum(0, dtype=torch.float32) if dx is not None and eps else None
     for t0 in range(0, N, tokens_max):
         n = min(t0 + tokens_max, N) - t0
-        xc, tt, a = x[t0 : t0 + n], targets[t0 : t0 + n], None if acc is None else acc[:n]
+        xc = None  # (the last step's gathered rows freed before the next are gathered)
+        xc, tt, a = work.x_rows(t0, t0 + n), targets[t0 : t0 + n], None if acc is None else acc[:n]
         running, alpha = stats[:n], alpha_buf[:n]
         running[:, 0], running[:, 1:] = float("-inf"), 0.0  # m, then s, sum of u, target logit
         for v0, cols in vocab_blocks(V, cols_max):
@@ -104,7 +105,7 @@ def token_sweep(work: Work, opts: Options, plan: Plan) -> None:
             a.addr_(e, colsum, alpha=-1.0)
             g_y = g_y + e
         be.fold(a, None, w, y.clamp(0, V - 1), g_y)
-        be.round_into(dx[t0 : t0 + n], a, work.out_scale)
+        work.write_dx(be, t0, a)
 
 
 def vocab_pass(work: Work, opts: Options, plan: Plan) -> None:
@@ -115,7 +116,7 @@ def vocab_pass(work: Work, opts: Options, plan: Plan) -> None:
     dW (db) is summed in an fp32 tile and rounded once into dw (db), times out_scale.
     """
     x, w, b, targets, dw, db = work.x, work.w, work.b, work.targets, work.dw, work.db
-    (N, D), V = x.shape, w.shape[0]
+    N, D, V = work.n_tokens, x.shape[1], w.shape[0]
     be = backends.get(opts.backend)
     per_token_scale = work.scale.numel() != 1
     rows_max, tokens_max = min(plan.block_rows, V), min(plan.block_tokens, N)
@@ -124,10 +125,12 @@ def vocab_pass(work: Work, opts: Options, plan: Plan) -> None:
     target_grad = torch.empty(tokens_max, **f32)
     acc = torch.empty((rows_max, D), **f32) if dw is not None else None
     acc_b = torch.empty(rows_max, **f32) if db is not None else None
+    whole = work.x_rows(0, N) if N <= tokens_max else None  # one step: its rows gathered once, not per block
     for v0, rows in vocab_blocks(V, rows_max):
         for t0 in range(0, N, tokens_max):
             n = min(t0 + tokens_max, N) - t0
-            xc, tt, tg = x[t0 : t0 + n], targets[t0 : t0 + n], target_grad[:n]
+            xc = None  # (the last step's gathered rows freed before the next are gathered)
+            xc, tt, tg = whole if whole is not None else work.x_rows(t0, t0 + n), targets[t0 : t0 + n], target_grad[:n]
             logits = buf[: n * rows].view(n, rows)
             be.logits(xc, w[v0 : v0 + rows], None if b is None else b[v0 : v0 + rows], logits)
             scale = work.scale[t0 : t0 + n] if per_token_scale else work.scale

@@ -1,13 +1,22 @@
 """fused_cel as torch.library custom ops: torch.compile sees one opaque op, no graph break.
 
 ``fused_cel::linear_cross_entropy`` runs the forward, the label check (the one host
-synchronisation) included, and returns (loss, lse, entropy, extras, dx, dw, db): entropy and
-extras ([N, 3]: top-1, mean logit, log sum p**2) are the token statistics, when asked for. For "mean" and "sum" the
+synchronisation) included, and returns (loss, lse, entropy, extras, dx, dw, db, count): entropy and
+extras ([N, 3]: top-1, mean logit, log sum p**2) are the token statistics, when asked for; count
+(a CPU int64 [1]) is the number of counted tokens the label check read, -1 without the check. For "mean" and "sum" the
 gradients are computed there, in the same pass as the loss, and backward only scales them by
 grad_output (plain torch ops, traced into the backward graph). For "none" the per-token
 grad_output is needed inside the loop, so backward runs a second op,
 ``fused_cel::linear_cross_entropy_backward``: the loop again, one more logits matmul; the
 entropy is differentiable there too (its gradient joins the same pass).
+
+Ignored tokens cost nothing: a token whose label is ignore_index has loss, statistics and
+gradient 0, so the passes run over the counted tokens only (Work.rows: their indices, from the
+count the label check reads in its one synchronisation, so no other is needed), the per-token
+outputs are 0 elsewhere and dX's other rows are zeros. The plan (chunk sizes, gradient dtypes) is
+still that of all N tokens, as the fake implementation, which cannot know the count, chooses it.
+backward of "none" takes the count from the CPU tensor forward returned: no synchronisation
+either. Without the label check (check_labels=False) there is no count: every token is computed.
 
 The ops take tensors and the fields of fused_cel.options.Options, flattened in their order
 (this file is the one place that knows it), then which gradients to compute. A result the call
@@ -72,18 +81,19 @@ def linear_cross_entropy(
     mutates_args=(),
     schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? divisor, Tensor? class_weight, "
     f"{_OPTIONS}, {_NEED}) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def forward_op(hidden, weight, bias, targets, divisor, class_weight, *args):
-    """(loss, lse, entropy, extras, dx, dw, db) of hidden [N, D], weight [V, D], bias [V],
+    """(loss, lse, entropy, extras, dx, dw, db, count) of hidden [N, D], weight [V, D], bias [V],
     targets [N]."""
     opts, need = _unflatten(args)
+    count = -1
     with torch.autocast(hidden.device.type, enabled=False):
         if opts.check_labels:
-            check_inputs(targets, opts.vocab_total(weight.shape[0]), opts.ignore_index, class_weight)
-        work, grads = _forward(hidden, weight, bias, targets, divisor, class_weight, opts, need)
+            count = check_inputs(targets, opts.vocab_total(weight.shape[0]), opts.ignore_index, class_weight)
+        work, grads = _forward(hidden, weight, bias, targets, divisor, class_weight, opts, need, count)
     stats = _placeholders((work.entropy, work.extras), hidden.device)
-    return work.loss, work.lse, *stats, *_placeholders(grads, hidden.device)
+    return work.loss, work.lse, *stats, *_placeholders(grads, hidden.device), torch.tensor([count])
 
 
 @forward_op.register_fake
@@ -98,24 +108,26 @@ def _forward_fake(hidden, weight, bias, targets, divisor, class_weight, *args):
     if _grads_in_forward(opts) and any(need):
         p = plan.choose(opts, hidden, weight, bias, need)
         grads = _empty_grads(hidden, weight, need, p.grad_dtypes(hidden.dtype, weight.dtype))
-    return loss, torch.empty(N, **f32), *_placeholders(stats, hidden.device), *_placeholders(grads, hidden.device)
+    count = torch.empty(1, dtype=torch.int64, device="cpu")
+    lse = torch.empty(N, **f32)
+    return loss, lse, *_placeholders(stats, hidden.device), *_placeholders(grads, hidden.device), count
 
 
 def _setup_context(ctx, inputs, output):
     """Save what backward needs: for "mean" and "sum" forward's gradients (consumed by the one
     backward), for "none" the inputs, the per-token log-sum-exp and entropy."""
     hidden, weight, bias, targets, divisor, class_weight, *args = inputs
-    _, lse, entropy, extras, *grads = output
+    _, lse, entropy, extras, *grads, count = output
     ctx.set_materialize_grads(False)
     ctx.opts, ctx.need = _unflatten(args)
     ctx.n_inputs = len(inputs)
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     if not _grads_in_forward(ctx.opts):  # the entropy (when computed) is differentiable
         stats = ctx.opts.token_stats
-        ctx.mark_non_differentiable(lse, extras, *grads, *(() if stats else (entropy,)))
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if stats else None, class_weight)
+        ctx.mark_non_differentiable(lse, extras, *grads, count, *(() if stats else (entropy,)))
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if stats else None, class_weight, count)
         return
-    ctx.mark_non_differentiable(lse, entropy, extras, *grads)
+    ctx.mark_non_differentiable(lse, entropy, extras, *grads, count)
     ctx.prescaled = plan.choose(ctx.opts, hidden, weight, bias, ctx.need).prescaled
     counted = targets if ctx.opts.uniform_grad else None  # where the one grad_output value is read
     ctx.save_for_backward(*(g if n else None for g, n in zip(grads, ctx.need)), divisor, counted)
@@ -126,7 +138,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _, grad_entropy, *__):
     """Gradients of hidden, weight and bias (None for the other inputs)."""
     if not _grads_in_forward(ctx.opts):
-        hidden, weight, bias, targets, lse, entropy, class_weight = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, entropy, class_weight, count = ctx.saved_tensors
         if entropy is None:  # the placeholder's
             grad_entropy = None
         if grad_loss is None and grad_entropy is None:
@@ -134,7 +146,8 @@ def _backward(ctx, grad_loss, _, grad_entropy, *__):
         if grad_loss is None:  # only the entropy is differentiated
             grad_loss = torch.zeros_like(lse)
         args = flatten(ctx.opts, ctx.need)
-        grads = backward_op(grad_loss, grad_entropy, hidden, weight, bias, targets, lse, entropy, class_weight, *args)
+        grads = backward_op(grad_loss, grad_entropy, hidden, weight, bias, targets, lse, entropy, class_weight, count,
+                            *args)  # fmt: skip
         grads = tuple(g if n else None for g, n in zip(grads, ctx.need))
     else:
         if ctx.consumed:
@@ -199,21 +212,24 @@ _BROKEN = (
     "fused_cel::linear_cross_entropy_backward",
     mutates_args=(),
     schema=f"(Tensor grad, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-    f"Tensor lse, Tensor? entropy, Tensor? class_weight, {_OPTIONS}, {_NEED}) -> (Tensor, Tensor, Tensor)",
+    f"Tensor lse, Tensor? entropy, Tensor? class_weight, Tensor? count, {_OPTIONS}, {_NEED}) "
+    "-> (Tensor, Tensor, Tensor)",
 )
-def backward_op(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy, class_weight, *args):
+def backward_op(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy, class_weight, count, *args):
     """(dx, dw, db) of reduction "none" for the per-token grad [N] (and grad_entropy, the
-    entropy's), in their own dtypes: the loop again, with each token's grad_output as its scale."""
+    entropy's), in their own dtypes: the loop again, with each token's grad_output as its scale,
+    over the counted tokens if count (forward's, on the CPU) says how many there are."""
     opts, need = _unflatten(args)
     with torch.autocast(hidden.device.type, enabled=False):
         x, w, b = _compute(hidden, weight, bias, opts)
-        p = plan.choose(opts, hidden, weight, bias, need)
-        dx, dw, db = _empty_grads(x, w, need, p.grad_dtypes(hidden.dtype, weight.dtype))
-        scale = grad.reshape(-1).float().contiguous()
-        work = chunks.Work(x, w, b, targets, lse, scale=scale, dx=dx, dw=dw, db=db)
+        p, rows = _plan(opts, hidden, weight, bias, need, targets, -1 if count is None else int(count[0]))
+        dx, dw, db = _empty_grads(x, w, need, p.grad_dtypes(hidden.dtype, weight.dtype), rows)
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
+        scale = pick(grad.reshape(-1).float()).contiguous()
+        work = chunks.Work(x, w, b, pick(targets), pick(lse), scale=scale, dx=dx, dw=dw, db=db, rows=rows)
         work.with_class_weight(class_weight)
         if grad_entropy is not None:
-            work.ent_scale, work.entropy = grad_entropy.reshape(-1).float().contiguous(), entropy
+            work.ent_scale, work.entropy = pick(grad_entropy.reshape(-1).float()).contiguous(), pick(entropy)
         _run(work, opts, p)
         be, one = backends.get(opts.backend), torch.ones((), dtype=torch.float32, device=x.device)
         own = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -222,29 +238,31 @@ def backward_op(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy,
 
 
 @backward_op.register_fake
-def _backward_fake(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy, class_weight, *args):
+def _backward_fake(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy, class_weight, count, *args):
     """dx, dw, db in their tensors' shapes and dtypes, where needed."""
     _, need = _unflatten(args)
     grads = tuple(torch.empty_like(t) if n else None for t, n in zip((hidden, weight, bias), need))
     return _placeholders(grads, hidden.device)
 
 
-def _forward(hidden, weight, bias, targets, divisor, class_weight, opts: Options, need):
+def _forward(hidden, weight, bias, targets, divisor, class_weight, opts: Options, need, count=-1):
     """(work, grads): the pass's Work, whose loss is reduced, and the gradients. For "mean" and
     "sum" the pass also writes dX, dW, db where ``need`` asks for them, as the plan lays them out;
     for "none", or when no gradient is needed, only the loss (and the token statistics) runs:
-    one pass per chunk, no gradient buffers."""
+    one pass per chunk, no gradient buffers. count: the number of counted tokens (-1: unknown);
+    the pass may run over those only (_plan), the per-token results 0 at the others."""
+    if not _grads_in_forward(opts) or not any(need):
+        need = (False, False, False)
+    p, rows = _plan(opts, hidden, weight, bias, need, targets, count)
     x, w, b = _compute(hidden, weight, bias, opts)
     f32 = dict(dtype=torch.float32, device=x.device)
-    N = x.shape[0]
-    work = chunks.Work(x, w, b, targets, torch.empty(N, **f32), loss=torch.empty(N, **f32))
+    N = x.shape[0] if rows is None else rows.shape[0]
+    work = chunks.Work(x, w, b, targets if rows is None else targets[rows], torch.empty(N, **f32), rows=rows)
+    work.loss = torch.empty(N, **f32)
     work.with_class_weight(class_weight)
     if opts.token_stats:
         work.entropy, work.extras = torch.empty(N, **f32), torch.empty((N, 3), **f32)
-    if not _grads_in_forward(opts) or not any(need):
-        need = (False, False, False)
-    p = plan.choose(opts, hidden, weight, bias, need)
-    grads = _empty_grads(x, w, need, p.grad_dtypes(hidden.dtype, weight.dtype))
+    grads = _empty_grads(x, w, need, p.grad_dtypes(hidden.dtype, weight.dtype), rows)
     if any(need):
         work.scale = torch.ones((), **f32)
         work.dx, work.dw, work.db = grads
@@ -252,11 +270,39 @@ def _forward(hidden, weight, bias, targets, divisor, class_weight, opts: Options
     _run(work, opts, p)
     if opts.reduction != "none":
         work.loss = work.loss.sum() if divisor is None else work.loss.sum() / divisor
+    if rows is not None:  # each per-token result back in its token's place, 0 at the ignored ones
+        M = x.shape[0]
+        for name in ("loss", "lse", "entropy", "extras") if opts.reduction == "none" else ("lse", "entropy", "extras"):
+            t = getattr(work, name)
+            if t is not None:
+                setattr(work, name, t.new_zeros((M, *t.shape[1:])).index_copy_(0, rows, t))
     return work, grads
 
 
+def _plan(opts: Options, hidden, weight, bias, need, targets, count: int) -> tuple[plan.Plan, Tensor | None]:
+    """(plan, rows): rows, the indices of the counted tokens (labels not ignore_index; None: every
+    token) the pass runs over, and its plan. count (read by the label check; -1: unknown) sizes
+    them without a synchronisation. The fake implementation plans for all N tokens and so fixes
+    the gradients' dtypes and scaling: a plan for the counted tokens that would differ in those
+    (a budget the gathered rows do not fit) leaves every token computed."""
+    p = plan.choose(opts, hidden, weight, bias, need)
+    if count < 0 or count == targets.shape[0]:
+        return p, None
+    try:
+        counted = plan.choose(opts, hidden, weight, bias, need, tokens=count)
+    except ValueError:  # the budget has no room for the gathered rows
+        return p, None
+    if counted.prescaled != p.prescaled:
+        return p, None
+    return counted, torch.nonzero_static(targets != opts.ignore_index, size=count).squeeze(1)
+
+
 def _run(work: chunks.Work, opts: Options, p: plan.Plan) -> None:
-    if p.low_memory:
+    if work.targets.shape[0] == 0:  # every token ignored (dX is zeros already)
+        for t in (work.dw, work.db):
+            if t is not None:
+                t.zero_()
+    elif p.low_memory:
         low_memory.run(work, opts, p)
     else:
         chunks.run(work, opts, p, parallel.Shard.of(opts))
@@ -268,10 +314,14 @@ def _compute(hidden, weight, bias, opts: Options):
     return hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
 
 
-def _empty_grads(x, w, need, dtypes):
-    """Uninitialised dX [N, D], dW [V, D], db [V] in dtypes, where need asks for them."""
+def _empty_grads(x, w, need, dtypes, rows=None):
+    """Uninitialised dX [N, D], dW [V, D], db [V] in dtypes, where need asks for them; dX zeros
+    when the pass writes only the rows of the counted tokens."""
     shapes = (x.shape, w.shape, w.shape[:1])
-    return tuple(torch.empty(s, dtype=dt, device=x.device) if n else None for n, s, dt in zip(need, shapes, dtypes))
+    grads = [torch.empty(s, dtype=dt, device=x.device) if n else None for n, s, dt in zip(need, shapes, dtypes)]
+    if rows is not None and grads[0] is not None:
+        grads[0].zero_()
+    return tuple(grads)
 
 
 def _placeholders(grads, device) -> tuple[Tensor, ...]:
@@ -279,24 +329,27 @@ def _placeholders(grads, device) -> tuple[Tensor, ...]:
     return tuple(torch.empty(0, dtype=torch.float32, device=device) if g is None else g for g in grads)
 
 
-def check_inputs(targets: Tensor, vocab: int, ignore_index: int, class_weight: Tensor | None) -> None:
-    """Raise on a label outside [0, vocab) that is not ignore_index, or a class weight that is
-    negative or not finite (one host synchronisation for both)."""
-    bad_label = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    flags = bad_label.any()[None]
+def check_inputs(targets: Tensor, vocab: int, ignore_index: int, class_weight: Tensor | None) -> int:
+    """The number of counted labels (not ignore_index). Raise on a label outside [0, vocab) that
+    is not ignore_index, or a class weight that is negative or not finite (one host
+    synchronisation for all)."""
+    counted = targets != ignore_index
+    bad_label = counted & ((targets < 0) | (targets >= vocab))
+    flags = [counted.sum(), bad_label.any()]
     if class_weight is not None:
         bad_weight = ~(torch.isfinite(class_weight) & (class_weight >= 0))
-        flags = torch.cat([flags, bad_weight.any()[None]])
+        flags.append(bad_weight.any())
     promises = [f for f in _broken_promises if f.device == targets.device]
     if promises:
         _broken_promises[:] = [f for f in _broken_promises if f.device != targets.device]
-        broken = torch.cat(promises).any()[None]
-        flags = torch.cat([flags, broken])
-    if not flags.any():
-        return
-    if promises and broken:
+        broken = torch.cat(promises).any()
+        flags.append(broken)
+    count, *flags = torch.stack([f.to(torch.int64) for f in flags]).tolist()
+    if not any(flags):
+        return count
+    if promises and flags[-1]:
         raise RuntimeError(_BROKEN + " (an earlier backward on this device)")
-    if bad_label.any():
+    if flags[0]:
         value = int(targets[bad_label][0])
         raise ValueError(
             f"label {value} is out of range: labels must be in [0, V) = [0, {vocab}) or equal ignore_index "

@@ -74,11 +74,14 @@ def auto_chunk_size(n_tokens: int, vocab: int, dim: int, device: torch.device, b
     return max(1, min(chunk, n_tokens))
 
 
-def choose(opts: Options, hidden, weight, bias, need) -> Plan:
+def choose(opts: Options, hidden, weight, bias, need, tokens: int | None = None) -> Plan:
     """The plan of one pass over hidden [N, D] and weight [V, D] (their own dtypes), writing the
     gradients ``need`` asks for. Reads only shapes and dtypes, so that the op's fake
-    implementation gets the same plan."""
+    implementation gets the same plan. tokens: the pass runs over that many of the N rows
+    (the counted tokens, fused_cel.op), each step's rows gathered into a copy; dX still has N."""
     (N, D), V = hidden.shape, weight.shape[0]
+    rows_dx, gather = N, tokens is not None
+    N = N if tokens is None else tokens
     grouped = opts.group_name is not None
     if grouped:  # every rank must cut the same chunks: plan from what all ranks share
         V = -(-opts.vocab_size // torch.distributed.get_world_size(parallel.Shard.of(opts).group))
@@ -107,6 +110,8 @@ def choose(opts: Options, hidden, weight, bias, need) -> Plan:
         and not (opts.token_stats or opts.class_weighted),
         fp32_dx_sum=need[0],
         chunks_only=grouped,
+        rows_dx=rows_dx,
+        gather=gather,
     )
 
 
@@ -137,6 +142,8 @@ def fit(
     token_sweep: bool = True,
     fp32_dx_sum: bool | None = None,
     chunks_only: bool = False,
+    rows_dx: int | None = None,
+    gather: bool = False,
 ) -> Plan:
     """The fastest plan whose working memory fits ``budget_mib`` (3% of it is kept in reserve for
     what is not modelled: allocator rounding, library workspaces).
@@ -148,20 +155,25 @@ def fit(
     (not with softcap and label smoothing together when dX is needed). fp32_dx_sum: that pass
     sums dX (default: fp32_dx, i.e. dX is needed and not fp32). chunks_only: a vocabulary shard
     (fused_cel.parallel) has no low-memory plan, so the chunks may be as small as it takes, each
-    with its per-token statistics for the group (8 fp32).
+    with its per-token statistics for the group (8 fp32). n: the tokens the passes run over;
+    rows_dx: dX's rows (default n); gather: each step's rows of X are gathered into a copy (the
+    counted tokens of a longer X), and its dX rows go through an fp32 tile and a rounded copy.
     """
     fp32_dx_sum = fp32_dx if fp32_dx_sum is None else fp32_dx_sum
+    rows_dx = n if rows_dx is None else rows_dx
     budget = budget_mib * MIB * 0.97
     per_token = 16 * n  # loss, lse, target gradient and labels
     v_pad = -(-vocab // 64) * 64
     pad_copy = 0 if v_pad == vocab else v_pad * dim * itemsize
     # (no bool * int: with symbolic sizes under torch.compile that product does not trace)
-    fixed = per_token + pad_copy + 4 * ((n * dim if fp32_dx else 0) + (vocab * dim if fp32_dw else 0))
+    fixed = per_token + pad_copy + 4 * ((rows_dx * dim if fp32_dx else 0) + (vocab * dim if fp32_dw else 0))
     fixed += 4 * vocab if fp32_db else 0
+    # per token of a step: X's gathered row, and dX's fp32 row and its rounded copy
+    gathered = dim * (itemsize + (4 + itemsize if fp32_dx_sum else 0)) if gather else 0
     # per token of a chunk: its logits, the target fold's temporaries (a*X_c in fp32, W[y]),
     fold = dim * (4 + itemsize) if fold_temps else 0
     # and the logits matmul's per-tile softmax statistics (kernels/logits.py: 3 fp32 per 256 columns)
-    per_row = v_pad * itemsize + fold + 12 * -(-vocab // 256) + (32 if chunks_only else 0)
+    per_row = v_pad * itemsize + fold + gathered + 12 * -(-vocab // 256) + (32 if chunks_only else 0)
     # Below ~1024 tokens a chunk costs more than it saves: each re-reads W twice, and (dW
     # wanted) reads and writes the fp32 dW; the low-memory plan's steps stay large instead
     # (experiments/lowmem-tune).
@@ -172,7 +184,7 @@ def fit(
     if fp32_dx:
         # The same 3 matmuls with dX rounded chunk by chunk (an fp32 chunk x D tile instead of an
         # fp32 N x D dX): memory no longer grows with N.
-        fixed -= 4 * n * dim
+        fixed -= 4 * rows_dx * dim
         chunk = _floor(min(auto_chunk, (budget - fixed) / (per_row + 4 * dim)), 128)
         if chunk >= least:
             return Plan(chunk_size=max(1, chunk), round_dx=True)
@@ -188,7 +200,7 @@ def fit(
         # Token pass as a sweep (low_memory.token_sweep): per step, a chunk x block_vocab
         # buffer, the chunk's fp32 dX sum, the target fold, a few fp32 numbers per token, and
         # W's column sums. The most tokens per step whose blocks stay wide: fewer re-reads of W.
-        per_token_sweep = (4 * dim + fold if fp32_dx_sum else 0) + 64
+        per_token_sweep = (4 * dim + fold if fp32_dx_sum else 0) + 64 + dim * itemsize * (2 if gather else 0)
         for chunk, least in _SWEEP:
             chunk = min(chunk, n)
             cols = _floor((room - 4 * dim - chunk * per_token_sweep) / (chunk * itemsize), 128)
@@ -199,7 +211,7 @@ def fit(
         sweep = dict(chunk_size=chunk, low_memory=True, block_vocab=min(cols, vocab), pad=False)
     else:
         # Chunks of whole rows: chunk x V buffer, a chunk x D fp32 dX tile, W[y].
-        per_row = vocab * itemsize + dim * 4 + fold
+        per_row = vocab * itemsize + dim * 4 + fold + gathered
         chunk = min(n, _floor(room / per_row, 16))
         if chunk < 1:
             raise ValueError(_too_small(budget, per_row + per_token))
@@ -212,7 +224,8 @@ def fit(
     ladder = ((n, 1024), (4096, 256), (2048, 256), (1024, 256), (512, 256), (256, 256), (64, 64), (16, 1))
     for block_tokens, least in ladder:
         block_tokens = min(block_tokens, n)
-        block_rows = _floor((room - block_tokens * fold) / (block_tokens * itemsize + 4 * dim + 4), 64)
+        step = block_tokens * (fold + (dim * itemsize if gather else 0))  # the fold's temporaries, X's gathered rows
+        block_rows = _floor((room - step) / (block_tokens * itemsize + 4 * dim + 4), 64)
         if block_rows >= min(least, vocab):
             break
     if block_rows < 1:
