@@ -42,6 +42,7 @@ import ast
 import contextlib
 import csv
 import datetime
+import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -320,6 +321,7 @@ def _cce(softcap):
     return lambda x, w, y: linear_cross_entropy(x, w, y, **kwargs)
 
 
+@functools.cache  # once: the stand-in packages it leaves in sys.modules hide trl's own spec
 def load_trl_kernel():
     """TRL's ChunkedLogProbFunction (trl/kernels/chunked_logprob.py) from the installed trl
     package's file, or None. The file is loaded on its own: its backward imports
