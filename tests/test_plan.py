@@ -74,21 +74,25 @@ MEASURED = [
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the budget models the Triton path's memory")
+@pytest.mark.parametrize("counted", [False, True], ids=["all_tokens", "counted_tokens"])
 @pytest.mark.parametrize("case", MEASURED, ids=lambda c: f"{c[-1]}-N{c[0]}-V{c[2]}-{c[3]}MiB")
-def test_plan_fits_its_budget_measured(case, monkeypatch):
+def test_plan_fits_its_budget_measured(case, counted, monkeypatch):
     """What the forward pass allocates beyond inputs and the gradients it returns, measured
-    (every storage created by the aten ops it runs, alive at once), stays within the budget."""
+    (every storage created by the aten ops it runs, alive at once), stays within the budget;
+    also when half the labels are ignored and the passes gather the counted tokens' rows."""
     n, d, v, budget, extra, trainable, kind = case
     monkeypatch.setattr(plan, "_LEAST_CHUNK", 128)  # chunks of 128 tokens allowed at these small shapes
-    hidden, weight, _, labels = make_inputs((n,), d, v)
+    hidden, weight, _, labels = make_inputs((n,), d, v, ignore_frac=0.5 if counted else 0.2)
     x, w = hidden.bfloat16(), weight.bfloat16()
     opts = Options(memory_budget_mib=budget, backend="triton", compute_dtype=torch.bfloat16, **extra)
     need = (*trainable, False)
-    p = plan.choose(opts, x, w, None, need)
+    count = int((labels != -100).sum()) if counted else -1  # -1: as without the label check
+    p, rows = op._plan(opts, x, w, None, need, labels, count)
+    assert (rows is not None) == counted, p
     chosen = "sweep" if p.block_vocab else "rows" if p.low_memory else "round_dx" if p.round_dx else "default"
     assert chosen == kind, p
     with LiveBytes() as mem:
-        _, grads = op._forward(x, w, None, labels, torch.tensor(float(n), device=DEVICE), None, opts, need)
+        _, grads = op._forward(x, w, None, labels, torch.tensor(float(n), device=DEVICE), None, opts, need, count)
     returned = sum(g.nbytes for g, t in zip(grads, (x, w)) if g is not None and g.dtype == t.dtype)
     assert mem.peak - returned <= budget * MIB, (mem.peak - returned) / MIB
 
