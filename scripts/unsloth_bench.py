@@ -4,25 +4,30 @@ A Llama-architecture model built from its config (random init, no downloads) and
 tokenizer built in memory are saved to a local folder, then loaded in a fresh process with
 ``FastLanguageModel.from_pretrained(folder, load_in_4bit=False, local_files_only=True)``; LoRA is
 added with ``FastLanguageModel.get_peft_model`` (or every weight trains, ``full_finetuning=True``).
-Then, for unsloth's own loss and then for fused_cel (install()), from the same weights: one forward
-and backward by hand (the gradients compared) and Trainer steps on the same windows of the bundled
-text. Prints, per method, tokens/s over the steps after two warm-ups, peak memory
+Then, for each method in turn (unsloth's own loss, fused_cel through install(), and install()'s
+options as fused_cel[key=value;...], e.g. fused_cel[check_labels=False]: no label check, so no
+host synchronisation), from the same weights: one forward and backward by hand (the gradients
+compared) and Trainer steps on the same windows of the bundled text; --rounds R runs the methods
+R times in turn (A B A B), to tell a difference from drift. Prints, per method, tokens/s over the
+steps after two warm-ups (each round's, and their median), peak memory
 (torch.cuda.max_memory_allocated), the Trainer's losses, which function computed the loss (calls
 counted), and the first step's gradients' largest relative difference (|g - g_unsloth| /
 |g_unsloth| per tensor).
 Needs a CUDA GPU (unsloth's from_pretrained does).
 
     python scripts/unsloth_bench.py [--size llama3.2-1b] [--seq 8192] [--steps 8] [--mode lora]
-        [--dtype bfloat16] [--out unsloth_bench.csv]
+        [--dtype bfloat16] [--methods unsloth,fused_cel] [--rounds 1] [--out unsloth_bench.csv]
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import functools
 import importlib.metadata
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -31,9 +36,10 @@ import traceback
 import torch
 
 from fused_cel import train_demo
+from fused_cel.integrations.unsloth import OPTIONS
 
 WARM = 2  # steps left out of tokens/s
-METHODS = ("unsloth", "fused_cel")
+METHODS = ("unsloth", "fused_cel")  # the default --methods; the first is the reference
 LORA = dict(r=16, lora_alpha=16, lora_dropout=0, bias="none", random_state=0, use_gradient_checkpointing="unsloth",
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # fmt: skip
 
@@ -62,14 +68,33 @@ def _count_stock_calls(counter: dict) -> None:
             module.unsloth_fused_ce_loss = counted
 
 
-def run(folder: str, seq: int, steps: int, mode: str, dtype: str) -> dict:
+def install_options(method: str) -> dict | None:
+    """None for "unsloth"; install()'s options for "fused_cel" or "fused_cel[key=value;...]"."""
+    if method == "unsloth":
+        return None
+    name, _, rest = method.partition("[")
+    if name != "fused_cel" or (rest and not rest.endswith("]")):
+        raise ValueError(f"unknown method {method!r}: expected unsloth, fused_cel or fused_cel[key=value;...]")
+    options = {}
+    for item in filter(None, rest[:-1].split(";")):
+        key, sep, value = (s.strip() for s in item.partition("="))
+        if not sep or key not in OPTIONS:
+            raise ValueError(f"bad setting {item!r} in {method!r}: expected key=value, key one of {', '.join(OPTIONS)}")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value  # a bare word: backend=torch
+    return options
+
+
+def run(folder: str, seq: int, steps: int, mode: str, dtype: str, methods, rounds: int) -> dict:
     try:
-        return _run(folder, seq, steps, mode, getattr(torch, dtype))
+        return _run(folder, seq, steps, mode, getattr(torch, dtype), methods, rounds)
     except Exception:  # the whole traceback: unsloth's failures are deep
         return {"error": traceback.format_exc()[-4000:]}
 
 
-def _run(folder, seq, steps, mode, dtype) -> dict:
+def _run(folder, seq, steps, mode, dtype, methods, rounds) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import unsloth  # noqa: F401  (first, as unsloth asks)
     from unsloth import FastLanguageModel
@@ -102,9 +127,11 @@ def _run(folder, seq, steps, mode, dtype) -> dict:
             torch.cuda.synchronize()
             times[-1] = time.perf_counter() - times[-1]
 
-    for method in METHODS:
-        if method == "fused_cel":
-            fused_unsloth.install()
+    for method in [m for _ in range(rounds) for m in methods]:
+        first = method not in results
+        options = install_options(method)
+        if options is not None:
+            fused_unsloth.install(**options)
         with torch.no_grad():
             for n, p in trainable.items():
                 p.copy_(start[n])
@@ -114,7 +141,8 @@ def _run(folder, seq, steps, mode, dtype) -> dict:
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        grads[method] = {n: p.grad.float().cpu() for n, p in trainable.items() if p.grad is not None}
+        if first:
+            grads[method] = {n: p.grad.float().cpu() for n, p in trainable.items() if p.grad is not None}
         first_loss = loss.item()
         model.zero_grad(set_to_none=True)
         del loss
@@ -134,16 +162,21 @@ def _run(folder, seq, steps, mode, dtype) -> dict:
         fused_unsloth.uninstall()
         calls = {k: v - fused_before.get(k, 0) for k, v in fused_unsloth.calls.items()}
         calls |= {f"{k} (unsloth's own)": v - stock_before.get(k, 0) for k, v in stock_calls.items()}
-        results[method] = dict(
-            tokens_per_s=seq * (steps - WARM) / sum(times[WARM:]),
-            peak_mib=torch.cuda.max_memory_allocated() / 2**20,
-            first_loss=first_loss,
-            loss=[e["loss"] for e in trainer.state.log_history if "loss" in e],
-            calls={k: v for k, v in calls.items() if v},
-        )
+        speed = seq * (steps - WARM) / sum(times[WARM:])
+        if first:
+            results[method] = dict(
+                rounds=[],
+                peak_mib=torch.cuda.max_memory_allocated() / 2**20,
+                first_loss=first_loss,
+                loss=[e["loss"] for e in trainer.state.log_history if "loss" in e],
+                calls={k: v for k, v in calls.items() if v},
+            )
+        results[method]["rounds"].append(speed)
+        results[method]["tokens_per_s"] = statistics.median(results[method]["rounds"])
         del trainer
-    ref = grads["unsloth"]
-    worst = max(((grads["fused_cel"][n] - g).norm() / g.norm().clamp(min=1e-30)).item() for n, g in ref.items())
+    ref = grads[methods[0]]
+    worst = {m: max(((grads[m][n] - g).norm() / g.norm().clamp(min=1e-30)).item() for n, g in ref.items())
+             for m in methods}  # fmt: skip
     return dict(
         methods=results,
         grad_tensors=len(ref),
@@ -152,7 +185,7 @@ def _run(folder, seq, steps, mode, dtype) -> dict:
     )
 
 
-def head(size: str, seq: int, dtype: str, reps: int = 10) -> dict:
+def head(size: str, seq: int, dtype: str, methods, reps: int = 10) -> dict:
     """The head alone: unsloth_fused_ce_loss and fused_cel's in its place, forward + backward at the
     model's head shape (seq tokens), the weight frozen (LoRA) and trained (full fine-tuning)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,9 +202,10 @@ def head(size: str, seq: int, dtype: str, reps: int = 10) -> dict:
     labels = torch.randint(0, vocab, (1, seq), device="cuda", generator=gen)
     rows = []
     for weight_grad in (False, True):
-        for method in METHODS:
-            fused_unsloth.install() if method == "fused_cel" else fused_unsloth.uninstall()
-            fn = stock if method == "unsloth" else fused_unsloth.fused_ce_loss
+        for method in methods:
+            options = install_options(method)
+            fused_unsloth.uninstall() if options is None else fused_unsloth.install(**options)
+            fn = stock if options is None else fused_unsloth.fused_ce_loss
             xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_(weight_grad)
             times = []
             for _ in range(reps + 3):
@@ -199,40 +233,58 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--mode", default="lora", choices=("lora", "full"))
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--out", default=None, help="CSV of both runs")
+    ap.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated: unsloth, fused_cel, fused_cel[key=value;...] (install()'s options)",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="times each method trains, in turn")
+    ap.add_argument("--out", default=None, help="CSV of the runs")
     ap.add_argument("--head", action="store_true", help="time the head alone (no model, no Trainer)")
     args = ap.parse_args(argv)
+    methods = list(dict.fromkeys(filter(None, (m.strip() for m in args.methods.split(",")))))
+    try:
+        for m in methods:
+            install_options(m)
+    except ValueError as e:
+        ap.error(str(e))
+    if not methods or args.rounds < 1:
+        ap.error("--methods needs at least one method and --rounds must be >= 1")
+    width = max(10, *map(len, methods))
     if args.head:
-        result = train_demo.run_in_process(head, args.size, args.seq, args.dtype)
+        result = train_demo.run_in_process(head, args.size, args.seq, args.dtype, methods)
         if "rows" not in result:
             raise SystemExit(str(result))
         print(f"head of {args.size}, {args.seq} tokens, {args.dtype}: median ms of 10, MiB beyond the gradients")
         for r in result["rows"]:
-            print(f"{r['method']:<10} weight grad {r['weight_grad']!s:<5} {r['ms']:8.2f} ms {r['extra_mib']:8.0f} MiB")
+            print(f"{r['method']:<{width}} weight grad {r['weight_grad']!s:<5} {r['ms']:8.2f} ms "
+                  f"{r['extra_mib']:8.0f} MiB")  # fmt: skip
         return result
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"unsloth FastLanguageModel, {args.size}, {args.mode}, {args.dtype}, {args.seq} tokens a step, "
           f"{args.steps} steps, {device}, torch {torch.__version__}", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         train_demo.run_in_process(save_model, args.size, getattr(torch, args.dtype), folder)
-        result = train_demo.run_in_process(run, folder, args.seq, args.steps, args.mode, args.dtype)
+        result = train_demo.run_in_process(run, folder, args.seq, args.steps, args.mode, args.dtype, methods,
+                                           args.rounds)  # fmt: skip
     if "methods" not in result:
         raise SystemExit(str(result.get("error", result)))
-    results, ref = result["methods"], result["methods"]["unsloth"]
+    results, ref = result["methods"], result["methods"][methods[0]]
     print(f"versions: {result['versions']}")
-    print(f"first step's gradients: {result['grad_tensors']} trainable tensors, largest relative difference "
-          f"{result['max_rel_diff_grad']:.2e}")  # fmt: skip
-    print(f"{'loss by':<10} {'tokens/s':>9} {'peak MiB':>9} {'1st loss':>9} {'final loss':>10} "
-          f"{'max|dloss|':>10}  calls")  # fmt: skip
+    print(f"first step's gradients: {result['grad_tensors']} trainable tensors; largest relative difference to "
+          f"{methods[0]}'s: {', '.join(f'{m} {d:.2e}' for m, d in result['max_rel_diff_grad'].items())}")  # fmt: skip
+    print(f"{'loss by':<{width}} {'tokens/s':>9} {'peak MiB':>9} {'1st loss':>9} {'final loss':>10} "
+          f"{'max|dloss|':>10}  calls; tokens/s of each round")  # fmt: skip
     rows = []
     for m, r in results.items():
         diff = max(abs(a - b) for a, b in zip(r["loss"], ref["loss"]))
-        rows.append(dict(method=m, tokens_per_s=r["tokens_per_s"], peak_mib=r["peak_mib"], first_loss=r["first_loss"],
-                         final_loss=r["loss"][-1], max_diff_loss=diff, max_rel_diff_grad=result["max_rel_diff_grad"],
-                         calls=r["calls"], size=args.size, mode=args.mode, dtype=args.dtype, seq=args.seq,
-                         steps=args.steps, device=device, torch=torch.__version__, **result["versions"]))  # fmt: skip
-        print(f"{m:<10} {r['tokens_per_s']:9.0f} {r['peak_mib']:9.0f} {r['first_loss']:9.4f} {r['loss'][-1]:10.4f} "
-              f"{diff:10.2e}  {r['calls']}")  # fmt: skip
+        rows.append(dict(method=m, tokens_per_s=r["tokens_per_s"], rounds=r["rounds"], peak_mib=r["peak_mib"],
+                         first_loss=r["first_loss"], final_loss=r["loss"][-1], max_diff_loss=diff,
+                         max_rel_diff_grad=result["max_rel_diff_grad"][m], calls=r["calls"], size=args.size,
+                         mode=args.mode, dtype=args.dtype, seq=args.seq, steps=args.steps, device=device,
+                         torch=torch.__version__, **result["versions"]))  # fmt: skip
+        print(f"{m:<{width}} {r['tokens_per_s']:9.0f} {r['peak_mib']:9.0f} {r['first_loss']:9.4f} "
+              f"{r['loss'][-1]:10.4f} {diff:10.2e}  {r['calls']}; {[round(v) for v in r['rounds']]}")  # fmt: skip
     for m, r in results.items():
         print(f"{m} losses: {[round(v, 4) for v in r['loss']]}")
     if args.out:
