@@ -296,3 +296,40 @@ def test_opcheck_backward(need, entropy, compact):
     count = torch.tensor([int((targets != -100).sum())]) if compact else None
     args = (grad, ent[0], hidden.detach(), weight.detach(), bias.detach(), targets, lse, ent[1], None, count, *options)
     torch.library.opcheck(op.backward_op, args)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        Options(),
+        Options(reduction="none", softcap=30.0, logit_scale=1 / 3, chunk_size=7, compute_dtype=torch.bfloat16),
+        Options(memory_budget_mib=0.05, group_name="tp;'\"", vocab_start=0, vocab_size=7, check_labels=False),
+        Options(token_stats=True, class_weighted=True, uniform_grad=True, compute_dtype=torch.float16),
+    ],
+    ids=["defaults", "numbers", "group", "flags"],
+)
+@pytest.mark.parametrize("need", [(True, True, False), (False, False, True)], ids=str)
+def test_options_travel_through_the_op_arguments(opts, need):
+    """The op's arguments (numbers one each, the rest as one string) give back the same options."""
+    args = op.flatten(opts, need)
+    assert op._unflatten(args) == (opts, need)
+    assert len(op.forward_op._opoverload._schema.arguments) == 6 + len(args)
+
+
+def test_compiled_with_changing_options():
+    """Numbers and labels that change between calls (Dynamo may pass them on as symbolic) reach the
+    op without a graph break, and each call computes with its own values."""
+    weight = torch.randn(50, 8, device=DEVICE) / 3
+
+    def model(x, labels, chunk, ignore, eps, cap):
+        kw = dict(chunk_size=chunk, ignore_index=ignore, label_smoothing=eps, softcap=cap, backend="torch")
+        return linear_cross_entropy(x, weight, labels, **kw)
+
+    fn = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for i in range(4):
+        x = torch.randn(12, 8, device=DEVICE)
+        labels = torch.randint(0, 50, (12,), device=DEVICE)
+        labels[: 2 + i] = -5 - i
+        args = (labels, 3 + i, -5 - i, 0.1 * i, 4.0 + i)
+        got, want = fn(x.requires_grad_(), *args), model(x, *args)
+        torch.testing.assert_close(got, want, **SAME)

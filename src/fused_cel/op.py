@@ -18,11 +18,13 @@ still that of all N tokens, as the fake implementation, which cannot know the co
 backward of "none" takes the count from the CPU tensor forward returned: no synchronisation
 either. Without the label check (check_labels=False) there is no count: every token is computed.
 
-The ops take tensors and the fields of fused_cel.options.Options, flattened in their order
-(this file is the one place that knows it), then which gradients to compute. A result the call
-has no use for is an empty placeholder (a custom op cannot return None). Autocast is off inside
-the ops: the compute dtype is an option, and a compiled graph runs custom ops without autocast
-anyway, so eager and compiled calls compute alike.
+The ops take tensors, then fused_cel.options.Options and which gradients to compute: its numbers
+as arguments, the rest as one string (this file is the one place that knows the layout). The
+schema is kept short because torch's handling of a custom op's arguments takes, on every call,
+time that grows with the square of their number (docs/design.md). A result the call has no use
+for is an empty placeholder (a custom op cannot return None). Autocast is off inside the ops:
+the compute dtype is an option, and a compiled graph runs custom ops without autocast anyway, so
+eager and compiled calls compute alike.
 
 Precision: the gradient sums are fp32 until backward scales them by grad_output and rounds them
 once to their own dtype; the mean's 1/divisor joins grad_output there, in fp32 (the chunk holds
@@ -32,7 +34,9 @@ goes (fused_cel.plan: Plan.prescaled) are multiplied by 1/divisor before their r
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 
 import torch
 from torch import Tensor
@@ -42,27 +46,36 @@ from . import backends, chunks, low_memory, parallel, plan
 from .options import Options
 
 _FIELDS = dataclasses.fields(Options)
-_SCHEMA_TYPE = {
-    "int": "int",
-    "float": "float",
-    "bool": "bool",
-    "str": "str",
-    "int | None": "int?",
-    "float | None": "float?",
-    "str | None": "str?",
-    "torch.dtype": "ScalarType",
-}
-_OPTIONS = ", ".join(f"{_SCHEMA_TYPE[f.type]} {f.name}" for f in _FIELDS)
-_NEED = "bool need_dx, bool need_dw, bool need_db"
+# Numbers are schema arguments of their own (under torch.compile they may be symbolic); the flags,
+# names and dtype, with ``need``, travel as one string: the repr of their values.
+_NUMBERS = {"int": "int", "float": "float", "int | None": "int?", "float | None": "float?"}
+_NUMERIC = tuple(f.name for f in _FIELDS if f.type in _NUMBERS)
+_PACKED = tuple(f for f in _FIELDS if f.type not in _NUMBERS)
+_DTYPE = "torch.dtype"  # the one packed type that is no Python literal: written as its name, e.g. "bfloat16"
+_OPTIONS = ", ".join(f"{_NUMBERS[f.type]} {f.name}" for f in _FIELDS if f.type in _NUMBERS) + ", str options"
 
 
 def flatten(opts: Options, need) -> tuple:
-    """The ops' arguments after their tensors: the options' fields in order, then ``need``."""
-    return (*(getattr(opts, f.name) for f in _FIELDS), *need)
+    """The ops' arguments after their tensors: the numeric options, then the string of the
+    others and ``need`` (plain string work, which torch.compile traces)."""
+    packed = tuple(_literal(f, getattr(opts, f.name)) for f in _PACKED)
+    return (*(getattr(opts, name) for name in _NUMERIC), repr((*packed, *(bool(n) for n in need))))
+
+
+def _literal(field, value):
+    return str(value).removeprefix("torch.") if field.type == _DTYPE else value
 
 
 def _unflatten(args) -> tuple[Options, tuple[bool, bool, bool]]:
-    return Options(*args[: len(_FIELDS)]), tuple(args[len(_FIELDS) :])
+    packed, need = _decode(args[len(_NUMERIC)])
+    return Options(**dict(zip(_NUMERIC, args)), **packed), need
+
+
+@functools.lru_cache(maxsize=256)
+def _decode(text: str) -> tuple[dict, tuple[bool, bool, bool]]:
+    *values, dx, dw, db = ast.literal_eval(text)
+    packed = {f.name: getattr(torch, v) if f.type == _DTYPE else v for f, v in zip(_PACKED, values)}
+    return packed, (dx, dw, db)
 
 
 def linear_cross_entropy(
@@ -80,7 +93,7 @@ def linear_cross_entropy(
     "fused_cel::linear_cross_entropy",
     mutates_args=(),
     schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor? divisor, Tensor? class_weight, "
-    f"{_OPTIONS}, {_NEED}) "
+    f"{_OPTIONS}) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 def forward_op(hidden, weight, bias, targets, divisor, class_weight, *args):
@@ -212,7 +225,7 @@ _BROKEN = (
     "fused_cel::linear_cross_entropy_backward",
     mutates_args=(),
     schema=f"(Tensor grad, Tensor? grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
-    f"Tensor lse, Tensor? entropy, Tensor? class_weight, Tensor? count, {_OPTIONS}, {_NEED}) "
+    f"Tensor lse, Tensor? entropy, Tensor? class_weight, Tensor? count, {_OPTIONS}) "
     "-> (Tensor, Tensor, Tensor)",
 )
 def backward_op(grad, grad_entropy, hidden, weight, bias, targets, lse, entropy, class_weight, count, *args):

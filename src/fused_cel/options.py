@@ -1,7 +1,7 @@
 """The options of one call, as one frozen object, and every check of what a user passes.
 
 ``Options`` travels unchanged from the public call (fused_cel.api) through the custom op
-(fused_cel.op, the one place that flattens it into the op's schema) to the chunk loops and the
+(fused_cel.op, the one place that lays it out as the op's arguments) to the chunk loops and the
 kernels' launchers. Adding an option: a field here, its check in ``make``, and its use.
 """
 
@@ -19,7 +19,8 @@ BACKENDS = ("auto", "triton", "torch")
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """Validated options of one call (fields are primitives, so that the custom op can take them)."""
+    """Validated options of one call (fields are numbers, or Python literals and a dtype, so that the
+    custom op can take them: the numbers as arguments, the rest as one string)."""
 
     # The loss.
     ignore_index: int = -100
