@@ -35,7 +35,8 @@ if [ "$#" -eq 0 ]; then
     unsloth=$!
 fi
 status=0
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=$?
+# Two workers (pytest-xdist), as CI's machine has two cores; a later -n N in "$@" overrides it.
+.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 "$@" || status=$?
 if [ -n "$unsloth" ]; then
     wait "$unsloth" || status=$?
     echo "--- tests/test_unsloth.py in .venv-unsloth:"
