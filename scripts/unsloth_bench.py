@@ -22,7 +22,6 @@ Needs a CUDA GPU (unsloth's from_pretrained does).
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import functools
 import importlib.metadata
@@ -36,6 +35,7 @@ import traceback
 import torch
 
 from fused_cel import train_demo
+from fused_cel.bench import fused_kwargs
 from fused_cel.integrations.unsloth import OPTIONS
 
 WARM = 2  # steps left out of tokens/s
@@ -70,21 +70,7 @@ def _count_stock_calls(counter: dict) -> None:
 
 def install_options(method: str) -> dict | None:
     """None for "unsloth"; install()'s options for "fused_cel" or "fused_cel[key=value;...]"."""
-    if method == "unsloth":
-        return None
-    name, _, rest = method.partition("[")
-    if name != "fused_cel" or (rest and not rest.endswith("]")):
-        raise ValueError(f"unknown method {method!r}: expected unsloth, fused_cel or fused_cel[key=value;...]")
-    options = {}
-    for item in filter(None, rest[:-1].split(";")):
-        key, sep, value = (s.strip() for s in item.partition("="))
-        if not sep or key not in OPTIONS:
-            raise ValueError(f"bad setting {item!r} in {method!r}: expected key=value, key one of {', '.join(OPTIONS)}")
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value  # a bare word: backend=torch
-    return options
+    return None if method == "unsloth" else fused_kwargs(method, allowed=OPTIONS, methods=["unsloth"])
 
 
 def run(folder: str, seq: int, steps: int, mode: str, dtype: str, methods, rounds: int) -> dict:

@@ -213,13 +213,17 @@ def parse_shape(text):
     return Shape(name, n, d, v, softcap)
 
 
-def fused_kwargs(spec):
-    """'fused_cel[chunk_size=4096;backend=torch]' -> {'chunk_size': 4096, 'backend': 'torch'}."""
+def fused_kwargs(spec, allowed=None, methods=METHODS):
+    """'fused_cel[chunk_size=4096;backend=torch]' -> {'chunk_size': 4096, 'backend': 'torch'}.
+    allowed: the keys it may set (default: linear_cross_entropy's keywords and matmul); methods:
+    the other method names, for the error message."""
     match = re.fullmatch(r"fused_cel(?:\[(.*)\])?", spec)
     if match is None:
-        raise ValueError(f"unknown method {spec!r}: expected one of {', '.join(METHODS)} or fused_cel[key=value;...]")
-    # matmul=cublas|triton: the chunk's logits matmul (FUSED_CEL_MATMUL, fused_cel/kernels/logits.py)
-    allowed = [k for k in inspect.signature(fused_cel.linear_cross_entropy).parameters if k not in ARGS] + ["matmul"]
+        raise ValueError(f"unknown method {spec!r}: expected one of {', '.join(methods)} or fused_cel[key=value;...]")
+    if allowed is None:
+        # matmul=cublas|triton: the chunk's logits matmul (FUSED_CEL_MATMUL, fused_cel/kernels/logits.py)
+        keywords = inspect.signature(fused_cel.linear_cross_entropy).parameters
+        allowed = [k for k in keywords if k not in ARGS] + ["matmul"]
     kwargs = {}
     for item in filter(None, (match.group(1) or "").split(";")):
         key, sep, value = (s.strip() for s in item.partition("="))

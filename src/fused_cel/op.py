@@ -52,7 +52,7 @@ _NUMBERS = {"int": "int", "float": "float", "int | None": "int?", "float | None"
 _NUMERIC = tuple(f.name for f in _FIELDS if f.type in _NUMBERS)
 _PACKED = tuple(f for f in _FIELDS if f.type not in _NUMBERS)
 _DTYPE = "torch.dtype"  # the one packed type that is no Python literal: written as its name, e.g. "bfloat16"
-_OPTIONS = ", ".join(f"{_NUMBERS[f.type]} {f.name}" for f in _FIELDS if f.type in _NUMBERS) + ", str options"
+_OPTIONS = ", ".join(f"{_NUMBERS[f.type]} {f.name}" for f in _FIELDS if f.name in _NUMERIC) + ", str options"
 
 
 def flatten(opts: Options, need) -> tuple:
